@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv and install everything the package, its tests and its benchmarks need. Idempotent:
+# each step is skipped when what it installs is already there. Offline: no step downloads a prebuilt
+# binary (mamba-ssm and causal-conv1d are built from source without their CUDA parts).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${COMPRESSM_VENV:-.venv}
+PY="$VENV/bin/python"
+
+[ -x "$PY" ] || python3 -m venv "$VENV"
+have() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1') == '$2' else 1)" 2>/dev/null; }
+have_any() { "$PY" -c "import importlib.metadata as m; m.version('$1')" 2>/dev/null; }
+
+have torch 2.14.1 || "$PY" -m pip install -q torch==2.14.1
+for pkg in numpy pytest ninja pybind11 einops packaging wheel setuptools scipy build; do
+  have_any "$pkg" || "$PY" -m pip install -q "$pkg"
+done
+# Test oracles: pure-Python builds of mamba-ssm and causal-conv1d. FORCE_BUILD stops their setup.py
+# from trying to download a prebuilt wheel (no network); --no-cache-dir keeps a cached wheel from
+# hiding that failure on a fresh machine. --no-deps skips their GPU-only dependencies.
+if ! have mamba_ssm 2.3.2.post1 || ! have causal_conv1d 1.7.0; then
+  MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
+  CAUSAL_CONV1D_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
+    "$PY" -m pip install -q --no-deps --no-build-isolation --no-cache-dir \
+      mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
+fi
+have_any transformers || "$PY" -m pip install -q transformers
+
+# The package itself, editable, with its compiled extensions (ninja reuses unchanged objects).
+"$PY" -m pip install -q --no-deps --no-build-isolation -e .

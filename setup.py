@@ -1,0 +1,122 @@
+"""Builds compressm_kernels' compiled extensions with torch's cpp_extension (ninja, pybind11).
+
+- ``compressm_kernels._C``: the C++ CPU kernels in ``csrc/cpu`` (OpenMP), built everywhere.
+- ``compressm_kernels._C_cuda``: the CUDA kernels in ``csrc/cuda`` (``.cu`` without torch headers, one
+  binding ``.cpp``), built when nvcc is found.
+
+Environment (no network, no git, no nvidia-smi):
+    COMPRESSM_SKIP_CUDA_BUILD=1    never build the CUDA extension
+    COMPRESSM_FORCE_CUDA_BUILD=1   build it even when nvcc is not found (fails loudly instead)
+    COMPRESSM_CUDA_ARCHS="8.0;9.0" compute capabilities; PTX is added for the newest
+    MAX_JOBS=N                     parallel compile jobs (read by torch's ninja build)
+    CUDA_HOME                      toolkit root; guessed from nvcc when unset
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "TRUE", "YES", "ON")
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit root. torch guesses it from nvcc's path, which breaks when nvcc is a wrapper
+    script outside the toolkit (e.g. /usr/local/bin/nvcc), so look for the headers instead."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    candidates.append(Path("/usr/local/cuda"))
+    for root in candidates:
+        if (root / "include" / "cuda_runtime.h").exists() and (root / "bin" / "nvcc").exists():
+            return str(root)
+    return None
+
+
+def _cuda_archs() -> list[str]:
+    archs = [a.strip() for a in os.environ.get("COMPRESSM_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";")]
+    return [a for a in archs if a]
+
+
+def _gencode_flags(archs: list[str]) -> list[str]:
+    flags = []
+    for arch in archs:
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    newest = max(archs, key=float).replace(".", "")
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")  # PTX for newer GPUs
+    return flags
+
+
+def _wheel_cuda_includes() -> list[str]:
+    """Header folders of pip's nvidia-* wheels (cuBLAS, cuSPARSE, ...), which torch's CUDA headers include."""
+    dirs = []
+    for entry in sys.path:
+        nvidia = Path(entry) / "nvidia"
+        if nvidia.is_dir():
+            dirs += [str(p) for p in sorted(nvidia.glob("*/include")) if p.is_dir()]
+    return dirs
+
+
+def _sources(folder: str, *patterns: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for pat in patterns for p in (CSRC / folder).glob(pat))
+
+
+def extensions() -> tuple[list, dict]:
+    cpu_sources = _sources("cpu", "*.cpp")
+    cuda_sources = _sources("cuda", "*.cpp", "*.cu", "generated/*.cu")
+    if not cpu_sources and not cuda_sources:
+        return [], {}
+    os.environ.setdefault("CUDA_HOME", _find_cuda_home() or "")
+    if not os.environ["CUDA_HOME"]:
+        del os.environ["CUDA_HOME"]
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    include_dirs = [str(CSRC / "include")]
+    exts = []
+    if cpu_sources:
+        exts.append(
+            CppExtension(
+                "compressm_kernels._C",
+                cpu_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": ["-O3", "-fopenmp", "-ffp-contract=fast"]},
+                extra_link_args=["-fopenmp"],
+            )
+        )
+    want_cuda = bool(cuda_sources) and not _flag("COMPRESSM_SKIP_CUDA_BUILD")
+    have_nvcc = os.environ.get("CUDA_HOME") is not None
+    if want_cuda and (have_nvcc or _flag("COMPRESSM_FORCE_CUDA_BUILD")):
+        nvcc_flags = [
+            "-O3",
+            "-std=c++17",
+            "--use_fast_math",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+            *_gencode_flags(_cuda_archs()),
+        ]
+        exts.append(
+            CUDAExtension(
+                "compressm_kernels._C_cuda",
+                cuda_sources,
+                include_dirs=include_dirs + _wheel_cuda_includes(),
+                extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+            )
+        )
+    elif want_cuda:
+        print("compressm_kernels: nvcc not found; building without the CUDA extension", file=sys.stderr)
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
