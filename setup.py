@@ -118,5 +118,25 @@ def extensions() -> tuple[list, dict]:
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _with_build_info(build_ext_cls: type) -> type:
+    """build_ext that records the torch version the extensions are built against, so a different torch
+    gets a clear error at import time instead of an undefined-symbol crash."""
+
+    class BuildExtWithInfo(build_ext_cls):
+        def run(self) -> None:
+            import torch
+
+            info = f'TORCH_VERSION = "{torch.__version__}"\nCUDA_ARCHS = "{";".join(_cuda_archs())}"\n'
+            for root in {ROOT, Path(self.build_lib)} if not self.inplace else {ROOT}:
+                target = root / "compressm_kernels" / "_build_info.py"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("# Written by setup.py at build time.\n" + info)
+            super().run()
+
+    return BuildExtWithInfo
+
+
 ext_modules, cmdclass = extensions()
+if "build_ext" in cmdclass:
+    cmdclass["build_ext"] = _with_build_info(cmdclass["build_ext"])
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
