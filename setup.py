@@ -14,6 +14,7 @@ Environment (no network, no git, no nvidia-smi):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -72,7 +73,18 @@ def _sources(folder: str, *patterns: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for pat in patterns for p in (CSRC / folder).glob(pat))
 
 
+def _generate_cuda_instantiations() -> None:
+    """Refresh csrc/cuda/generated/*.cu from their generator (rewrites only files whose text changed)."""
+    generator = CSRC / "cuda" / "generate_instantiations.py"
+    if generator.exists():
+        spec = importlib.util.spec_from_file_location("compressm_generate_instantiations", generator)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.write()
+
+
 def extensions() -> tuple[list, dict]:
+    _generate_cuda_instantiations()
     cpu_sources = _sources("cpu", "*.cpp")
     cuda_sources = _sources("cuda", "*.cpp", "*.cu", "generated/*.cu")
     if not cpu_sources and not cuda_sources:

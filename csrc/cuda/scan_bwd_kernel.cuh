@@ -1,0 +1,210 @@
+// Backward selective scan: one warp per (batch, channel), chunks in reverse. Within a chunk, for each
+// kept state the warp recomputes h from the forward's saved carry (forward warp scan), then runs the
+// reverse recurrence of the state gradient s_t = a_t * (C_t g_t + s_{t+1}) (reverse warp scan, started
+// from the next chunk's s or from d last_state). Gradients:
+//   dh_t = C_t g_t + s_{t+1},   g_t = dout_t * silu(z_t)
+//   du_t += dh_t dt_t B_t,  ddt_t += dh_t (u_t B_t + A h_{t-1} a_t),  dA += dh_t h_{t-1} a_t dt_t
+//   dB_t = dh_t dt_t u_t,   dC_t = g_t h_t,   dz_t = dout_t y_t silu'(z_t)  (y recomputed here).
+// Variable dB/dC are summed over the channels of a group: when all channels keep the same states,
+// the block's warps (channels of one group) add theirs in shared memory first and issue one atomic
+// per element per block; with per-channel ranks each warp adds its own.
+#pragma once
+
+#include "compressm/cuda_warp_scan.cuh"
+#include "scan_io.cuh"
+#include "scan_math.cuh"
+#include "scan_params.h"
+
+namespace compressm {
+namespace cuda {
+
+struct BwdSmem {
+  float s_carry[kMaxChannelsPerBlock][kMaxDstate];  // s entering the current chunk from later steps
+  float dA[kMaxChannelsPerBlock][kMaxDstate];       // per-channel sums over chunks, by rank slot
+  float dB[kMaxChannelsPerBlock][kMaxDstate];       // invariant dB/dC sums
+  float dC[kMaxChannelsPerBlock][kMaxDstate];
+  float reduce_B[2][kMaxChannelsPerBlock][kChunk];  // variable dB/dC, double-buffered per state
+  float reduce_C[2][kMaxChannelsPerBlock][kChunk];
+};
+
+// Adds this warp's dB or dC values of state n for its lane's steps to the fp32 (Bt, G, N, L) buffer.
+__device__ __forceinline__ void add_to_projection_grad(float* grad_row, int t, int seqlen,
+                                                       const float (&v)[kItemsPerLane]) {
+#pragma unroll
+  for (int j = 0; j < kItemsPerLane; ++j)
+    if (t + j < seqlen) atomicAdd(grad_row + t + j, v[j]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
+    scan_bwd_kernel(const ScanBwdParams p) {
+  __shared__ BwdSmem smem;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int b = blockIdx.y;
+  const int d = blockIdx.x * p.channels_per_block + warp;
+  const int N = p.dstate;
+  const int rank = channel_rank(p, d);
+  const int32_t* kept = channel_kept(p, d);
+  const float* A_row = p.A + static_cast<int64_t>(d) * N;
+  const float D_val = p.D ? p.D[d] : 0.f;
+  const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+  const int64_t bd = static_cast<int64_t>(b) * p.dim + d;
+  const float* carries = p.carries + bd * p.n_chunks * N;
+  // Block-level reduction of variable dB/dC: every warp of the block runs the same state loop.
+  const bool block_reduce = !p.per_channel_ranks && p.channels_per_block > 1 && (p.B.variable || p.C.variable);
+  const int groups_B = p.dim / p.B.channels_per_group, groups_C = p.dim / p.C.channels_per_group;
+  float* dB_rows = p.dB + (static_cast<int64_t>(b) * groups_B + d / p.B.channels_per_group) * N * p.seqlen;
+  float* dC_rows = p.dC + (static_cast<int64_t>(b) * groups_C + d / p.C.channels_per_group) * N * p.seqlen;
+
+  if (lane == 0) {
+    for (int k = 0; k < rank; ++k) {
+      smem.s_carry[warp][k] = p.dlast ? p.dlast[bd * N + (kept ? kept[k] : k)] : 0.f;
+      smem.dA[warp][k] = smem.dB[warp][k] = smem.dC[warp][k] = 0.f;
+    }
+  }
+  float dD_sum = 0.f, dbias_sum = 0.f;
+  int parity = 0;
+  const T* u_row = activation_row<T>(p.u, b, d);
+  const T* delta_row = activation_row<T>(p.delta, b, d);
+  const T* dout_row = activation_row<T>(p.dout, b, d);
+  for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
+    const int t0 = chunk * kChunk;
+    const int t = t0 + lane * kItemsPerLane;
+    float u[kItemsPerLane], dt[kItemsPerLane], g[kItemsPerLane], dout[kItemsPerLane];
+    float gate[kItemsPerLane], y[kItemsPerLane], du[kItemsPerLane], ddt[kItemsPerLane];
+    load_items<T>(u_row, t, p.seqlen, p.u.vec, u);
+    load_items<T>(delta_row, t, p.seqlen, p.delta.vec, dt);
+    load_items<T>(dout_row, t, p.seqlen, p.dout.vec, dout);  // 0 past L, so padded steps get g = 0
+    if (p.z.ptr) load_items<T>(activation_row<T>(p.z, b, d), t, p.seqlen, p.z.vec, gate);
+#pragma unroll
+    for (int j = 0; j < kItemsPerLane; ++j) {
+      dt[j] = t + j < p.seqlen ? scan_delta(dt[j], bias, p.delta_softplus) : 0.f;
+      g[j] = p.z.ptr ? dout[j] * silu(gate[j]) : dout[j];
+      y[j] = D_val * u[j];
+      du[j] = D_val * g[j];
+      ddt[j] = 0.f;
+      dD_sum = fmaf(g[j], u[j], dD_sum);
+    }
+    for (int k = 0; k < rank; ++k) {
+      const int n = kept ? kept[k] : k;
+      const float A_n = A_row[n];
+      float B[kItemsPerLane], C[kItemsPerLane], decay[kItemsPerLane], h[kItemsPerLane];
+      load_projection<T>(p.B, b, d, n, N, t, p.seqlen, B);
+      load_projection<T>(p.C, b, d, n, N, t, p.seqlen, C);
+      // Recompute h in the chunk from the forward's carry at the previous chunk's end.
+      AffinePair fwd_map{1.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < kItemsPerLane; ++j) {
+        decay[j] = step_decay(dt[j], A_n);
+        h[j] = dt[j] * u[j] * B[j];  // the drive term for now; h after the serial pass
+        fwd_map = compose(fwd_map, AffinePair{decay[j], h[j]});
+      }
+      const float h_in = chunk > 0 ? carries[static_cast<int64_t>(chunk - 1) * N + n] : 0.f;
+      float unused;
+      const float h_start = warp_exclusive_scan<false>(fwd_map, h_in, unused);
+      float h_prev = h_start;
+      // Reverse pairs: s_t = a_t s_{t+1} + a_t C_t g_t, composed from the lane's last step down.
+      AffinePair rev_map{1.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < kItemsPerLane; ++j) {
+        h[j] = fmaf(decay[j], h_prev, h[j]);
+        h_prev = h[j];
+        y[j] = fmaf(C[j], h[j], y[j]);
+      }
+#pragma unroll
+      for (int j = kItemsPerLane - 1; j >= 0; --j) rev_map = compose(rev_map, AffinePair{decay[j], decay[j] * C[j] * g[j]});
+      const float s_in = __shfl_sync(kFullMask, lane == 0 ? smem.s_carry[warp][k] : 0.f, 0);
+      float s_out;
+      float s = warp_exclusive_scan<true>(rev_map, s_in, s_out);
+      float dA_part = 0.f, dB_val[kItemsPerLane], dC_val[kItemsPerLane];
+#pragma unroll
+      for (int j = kItemsPerLane - 1; j >= 0; --j) {
+        const float dh = fmaf(C[j], g[j], s);
+        const float h_before = j > 0 ? h[j - 1] : h_start;
+        const float dh_decay_h = dh * decay[j] * h_before;  // gradient through a_t
+        du[j] = fmaf(dh * dt[j], B[j], du[j]);
+        ddt[j] = fmaf(dh, u[j] * B[j], fmaf(dh_decay_h, A_n, ddt[j]));
+        dA_part = fmaf(dh_decay_h, dt[j], dA_part);
+        dB_val[j] = dh * dt[j] * u[j];
+        dC_val[j] = g[j] * h[j];
+        s = decay[j] * dh;
+      }
+      dA_part = warp_sum(dA_part);
+      if (!p.B.variable) {
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kItemsPerLane; ++j) sum += dB_val[j];
+        dB_val[0] = warp_sum(sum);
+      }
+      if (!p.C.variable) {
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kItemsPerLane; ++j) sum += dC_val[j];
+        dC_val[0] = warp_sum(sum);
+      }
+      if (lane == 0) {
+        smem.s_carry[warp][k] = s_out;
+        smem.dA[warp][k] += dA_part;
+        if (!p.B.variable) smem.dB[warp][k] += dB_val[0];
+        if (!p.C.variable) smem.dC[warp][k] += dC_val[0];
+      }
+      if (block_reduce) {
+        // The warps hold the same state n of channels in one group: sum them, one atomic per element.
+#pragma unroll
+        for (int j = 0; j < kItemsPerLane; ++j) {
+          smem.reduce_B[parity][warp][lane * kItemsPerLane + j] = dB_val[j];
+          smem.reduce_C[parity][warp][lane * kItemsPerLane + j] = dC_val[j];
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < kChunk && t0 + e < p.seqlen; e += blockDim.x) {
+          float sum_B = 0.f, sum_C = 0.f;
+          for (int w = 0; w < p.channels_per_block; ++w) {
+            sum_B += smem.reduce_B[parity][w][e];
+            sum_C += smem.reduce_C[parity][w][e];
+          }
+          if (p.B.variable) atomicAdd(dB_rows + static_cast<int64_t>(n) * p.seqlen + t0 + e, sum_B);
+          if (p.C.variable) atomicAdd(dC_rows + static_cast<int64_t>(n) * p.seqlen + t0 + e, sum_C);
+        }
+        parity ^= 1;  // the next state writes the other buffer, so no second barrier is needed
+      } else {
+        if (p.B.variable) add_to_projection_grad(dB_rows + static_cast<int64_t>(n) * p.seqlen, t, p.seqlen, dB_val);
+        if (p.C.variable) add_to_projection_grad(dC_rows + static_cast<int64_t>(n) * p.seqlen, t, p.seqlen, dC_val);
+      }
+    }
+
+    float dz[kItemsPerLane];
+#pragma unroll
+    for (int j = 0; j < kItemsPerLane; ++j) {
+      if (p.z.ptr) dz[j] = dout[j] * y[j] * silu_grad(gate[j]);
+      ddt[j] *= scan_delta_grad(dt[j], p.delta_softplus);
+      if (t + j < p.seqlen) dbias_sum += ddt[j];
+    }
+    store_items<T>(activation_row_mut<T>(p.du, b, d), t, p.seqlen, p.du.vec, du);
+    store_items<T>(activation_row_mut<T>(p.ddelta, b, d), t, p.seqlen, p.ddelta.vec, ddt);
+    if (p.z.ptr) store_items<T>(activation_row_mut<T>(p.dz, b, d), t, p.seqlen, p.dz.vec, dz);
+  }
+
+  dD_sum = warp_sum(dD_sum);
+  dbias_sum = warp_sum(dbias_sum);
+  if (lane == 0) {
+    if (p.dD) atomicAdd(p.dD + d, dD_sum);
+    if (p.ddelta_bias) atomicAdd(p.ddelta_bias + d, dbias_sum);
+    // Atomics across the batch; dropped states are never touched and stay zero.
+    for (int k = 0; k < rank; ++k) {
+      const int64_t dn = static_cast<int64_t>(d) * N + (kept ? kept[k] : k);
+      atomicAdd(p.dA + dn, smem.dA[warp][k]);
+      if (!p.B.variable) atomicAdd(p.dB + dn, smem.dB[warp][k]);
+      if (!p.C.variable) atomicAdd(p.dC + dn, smem.dC[warp][k]);
+    }
+  }
+}
+
+template <typename T>
+void launch_scan_bwd(const ScanBwdParams& params, cudaStream_t stream) {
+  const dim3 grid(params.dim / params.channels_per_block, params.batch);
+  scan_bwd_kernel<T><<<grid, params.channels_per_block * kWarpSize, 0, stream>>>(params);
+}
+
+}  // namespace cuda
+}  // namespace compressm

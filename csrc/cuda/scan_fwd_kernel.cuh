@@ -1,0 +1,94 @@
+// Forward selective scan: one warp per (batch, channel); a channel's steps are processed in chunks
+// of kChunk = 32 lanes x kItemsPerLane. For each kept state the warp scans the chunk (each lane its
+// steps serially, then a warp scan across lanes, started from the state's carry), accumulating y in
+// registers. Only the carries at chunk ends are written (for last_state and the backward pass);
+// no per-step hidden state touches memory. Channel d's state loop runs its rank r_d, not N.
+#pragma once
+
+#include "compressm/cuda_warp_scan.cuh"
+#include "scan_io.cuh"
+#include "scan_math.cuh"
+#include "scan_params.h"
+
+namespace compressm {
+namespace cuda {
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
+    scan_fwd_kernel(const ScanFwdParams p) {
+  __shared__ float carry_smem[kMaxChannelsPerBlock][kMaxDstate];  // h at the last chunk's end, by rank slot
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int b = blockIdx.y;
+  const int d = blockIdx.x * p.channels_per_block + warp;
+  const int N = p.dstate;
+  const int rank = channel_rank(p, d);
+  const int32_t* kept = channel_kept(p, d);
+  const float* A_row = p.A + static_cast<int64_t>(d) * N;
+  const float D_val = p.D ? p.D[d] : 0.f;
+  const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+  float* carries = p.carries + (static_cast<int64_t>(b) * p.dim + d) * p.n_chunks * N;
+  float* carry = carry_smem[warp];
+
+  const T* u_row = activation_row<T>(p.u, b, d);
+  const T* delta_row = activation_row<T>(p.delta, b, d);
+  for (int chunk = 0; chunk < p.n_chunks; ++chunk) {
+    const int t = chunk * kChunk + lane * kItemsPerLane;
+    float u[kItemsPerLane], dt[kItemsPerLane], y[kItemsPerLane];
+    load_items<T>(u_row, t, p.seqlen, p.u.vec, u);
+    load_items<T>(delta_row, t, p.seqlen, p.delta.vec, dt);
+#pragma unroll
+    for (int j = 0; j < kItemsPerLane; ++j) {
+      // Steps past L become the identity (dt = 0: decay 1, input 0).
+      dt[j] = t + j < p.seqlen ? scan_delta(dt[j], bias, p.delta_softplus) : 0.f;
+      y[j] = 0.f;
+    }
+    for (int k = 0; k < rank; ++k) {
+      const int n = kept ? kept[k] : k;
+      const float A_n = A_row[n];
+      float B[kItemsPerLane], C[kItemsPerLane], decay[kItemsPerLane], drive[kItemsPerLane];
+      load_projection<T>(p.B, b, d, n, N, t, p.seqlen, B);
+      load_projection<T>(p.C, b, d, n, N, t, p.seqlen, C);
+      AffinePair lane_map{1.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < kItemsPerLane; ++j) {
+        decay[j] = step_decay(dt[j], A_n);
+        drive[j] = dt[j] * u[j] * B[j];
+        lane_map = compose(lane_map, AffinePair{decay[j], drive[j]});
+      }
+      // Only lane 0 touches the carry slot, so no lane can read it after lane 0 rewrote it.
+      const float carry_in = __shfl_sync(kFullMask, lane == 0 && chunk > 0 ? carry[k] : 0.f, 0);
+      float chunk_end;
+      float h = warp_exclusive_scan<false>(lane_map, carry_in, chunk_end);
+#pragma unroll
+      for (int j = 0; j < kItemsPerLane; ++j) {
+        h = fmaf(decay[j], h, drive[j]);
+        y[j] = fmaf(C[j], h, y[j]);
+      }
+      if (lane == 0) {
+        carry[k] = chunk_end;
+        carries[static_cast<int64_t>(chunk) * N + n] = chunk_end;
+      }
+    }
+    // Dropped states hold zero (they never reach y, last_state or the carries the backward reads).
+    for (int k = rank + lane; k < N; k += kWarpSize) carries[static_cast<int64_t>(chunk) * N + kept[k]] = 0.f;
+
+    float gate[kItemsPerLane];
+    if (p.z.ptr) load_items<T>(activation_row<T>(p.z, b, d), t, p.seqlen, p.z.vec, gate);
+#pragma unroll
+    for (int j = 0; j < kItemsPerLane; ++j) {
+      y[j] = fmaf(D_val, u[j], y[j]);
+      if (p.z.ptr) y[j] *= silu(gate[j]);
+    }
+    store_items<T>(activation_row_mut<T>(p.out, b, d), t, p.seqlen, p.out.vec, y);
+  }
+}
+
+template <typename T>
+void launch_scan_fwd(const ScanFwdParams& params, cudaStream_t stream) {
+  const dim3 grid(params.dim / params.channels_per_block, params.batch);
+  scan_fwd_kernel<T><<<grid, params.channels_per_block * kWarpSize, 0, stream>>>(params);
+}
+
+}  // namespace cuda
+}  // namespace compressm
