@@ -1,0 +1,172 @@
+// The selective-scan recurrence (MATH.md §1), written once for host (C++/OpenMP) and device (CUDA) code.
+//
+// Per batch b, channel d, state n, step t (fp32 throughout):
+//   Δ_t  = softplus(δ_t + bias)   (or δ_t + bias without softplus)      discretize()
+//   ā_t  = exp(Δ_t · A)                                                 decay()
+//   h_t  = ā_t · h_{t-1} + Δ_t · B_t · u_t,      h_{-1} = carry in      forward_step()
+//   y_t += C_t · h_t                              (summed over states by the caller)
+//
+// Backward, for one state, with dy_t = ∂loss/∂y_t (before the D skip and the z gate) and
+// g_t = ∂loss/∂h_t, run from the last step to the first (reverse_step()):
+//   g_t   = dy_t · C_t + ā_{t+1} · g_{t+1}       (the ā_{t+1} g_{t+1} term is the "carry" between steps;
+//                                                 at t = L-1 it is ∂loss/∂last_state, else 0)
+//   dC_t  += dy_t · h_t
+//   dB_t  += g_t · Δ_t · u_t
+//   dΔ_t  += g_t · (A · ā_t · h_{t-1} + B_t · u_t)
+//   du_t  += g_t · Δ_t · B_t
+//   dA    += g_t · Δ_t · ā_t · h_{t-1}
+// and dδ_t = dΔ_t · discretize_grad(δ_t, bias).
+//
+// Only plain float math and no std:: facilities, so a CPU loop over a channel's kept states (which the
+// compiler vectorises across states) and a CUDA thread holding one state call the same functions.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define COMPRESSM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define COMPRESSM_HOST_DEVICE inline
+#endif
+
+namespace compressm {
+
+// ---------------------------------------------------------------------------------------------- scalars
+
+// exp(x) in fp32. On the device: the hardware instruction. On the host: Cody-Waite range reduction
+// x = k·ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial (truncation < 0.1 ulp), all branch-free
+// float/int arithmetic so a loop over states vectorises (a scalar libm call per state would not).
+COMPRESSM_HOST_DEVICE float exp_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float lo = -87.33f, hi = 88.0f;  // exp(lo) ~ FLT_MIN; 2^k stays finite up to hi
+  const float xc = x < lo ? lo : (x > hi ? hi : x);  // comparisons keep NaN as NaN
+  // Round x/ln2 to nearest: adding 1.5·2^23 pushes the fraction out of the mantissa.
+  const float shifter = 12582912.0f;
+  const float k = (xc * 1.44269504088896341f + shifter) - shifter;
+  const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.12194440e-4
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 128)
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  const float e = p * scale;
+  return x < lo ? 0.0f : e;  // underflow to 0 like expf (ā h would otherwise keep a ~1e-38 residue)
+#endif
+}
+
+COMPRESSM_HOST_DEVICE float sigmoid_f32(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// softplus(x) = log(1 + e^x), with torch's threshold: x for x > 20.
+COMPRESSM_HOST_DEVICE float softplus_f32(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+// d softplus / dx = sigmoid(x) (exactly 1 above the threshold, as torch's backward).
+COMPRESSM_HOST_DEVICE float softplus_grad_f32(float x) { return x > 20.0f ? 1.0f : sigmoid_f32(x); }
+
+COMPRESSM_HOST_DEVICE float silu_f32(float x) { return x * sigmoid_f32(x); }
+
+// d silu / dx = s · (1 + x · (1 - s)), s = sigmoid(x).
+COMPRESSM_HOST_DEVICE float silu_grad_f32(float x) {
+  const float s = sigmoid_f32(x);
+  return s * (1.0f + x * (1.0f - s));
+}
+
+// ------------------------------------------------------------------------------------- discretisation
+
+// Δ = softplus(δ + bias) or δ + bias.
+COMPRESSM_HOST_DEVICE float discretize(float delta_raw, float bias, bool softplus) {
+  const float v = delta_raw + bias;
+  return softplus ? softplus_f32(v) : v;
+}
+
+// dΔ/dδ (= dΔ/dbias).
+COMPRESSM_HOST_DEVICE float discretize_grad(float delta_raw, float bias, bool softplus) {
+  return softplus ? softplus_grad_f32(delta_raw + bias) : 1.0f;
+}
+
+// ā = exp(Δ · A).
+COMPRESSM_HOST_DEVICE float decay(float delta, float A) { return exp_f32(delta * A); }
+
+// --------------------------------------------------------------------------------- one state, one step
+
+// h_t = ā_t · h_{t-1} + Δ_t · u_t · B_t (delta_u = Δ_t · u_t, shared by all states of the channel).
+COMPRESSM_HOST_DEVICE float forward_step(float h_prev, float delta, float A, float delta_u, float B) {
+  return decay(delta, A) * h_prev + delta_u * B;
+}
+
+// Gradient contributions of one state at one step (see the header comment).
+struct StepGrads {
+  float dB, dC, ddelta, du, dA;
+  float carry;  // ā_t · g_t, the carry into step t-1
+};
+
+// carry = ā_{t+1} g_{t+1} (or ∂loss/∂h_{L-1} at the last step); h_prev = h_{t-1}; h = h_t.
+COMPRESSM_HOST_DEVICE StepGrads reverse_step(float carry, float dy, float delta, float A, float u, float B,
+                                             float C, float h_prev, float h) {
+  const float a = decay(delta, A);
+  const float g = dy * C + carry;
+  const float g_delta = g * delta;
+  StepGrads out;
+  out.dC = dy * h;
+  out.dB = g_delta * u;
+  out.ddelta = g * (A * a * h_prev + B * u);
+  out.du = g_delta * B;
+  out.dA = g_delta * a * h_prev;
+  out.carry = a * g;
+  return out;
+}
+
+// ------------------------------------------------------------------------------- one state, one chunk
+
+// Inputs of one step for one state.
+struct StepInputs {
+  float delta;    // Δ_t (discretized)
+  float delta_u;  // Δ_t · u_t
+  float B, C;
+};
+
+// Runs one state over T steps from carry h; at(t) -> StepInputs, emit(t, C_t·h_t) receives each
+// step's contribution to y_t. Returns h_{T-1}, the carry into the next chunk.
+template <typename At, typename Emit>
+COMPRESSM_HOST_DEVICE float forward_chunk(float h, float A, int T, At at, Emit emit) {
+  for (int t = 0; t < T; ++t) {
+    const StepInputs s = at(t);
+    h = forward_step(h, s.delta, A, s.delta_u, s.B);
+    emit(t, s.C * h);
+  }
+  return h;
+}
+
+// Inputs of one reverse step for one state.
+struct ReverseInputs {
+  float dy;      // ∂loss/∂y_t (before the D skip and the z gate)
+  float delta;   // Δ_t
+  float u, B, C;
+  float h_prev;  // h_{t-1} (the chunk's carry in at t = 0)
+  float h;       // h_t
+};
+
+// Runs the reverse recurrence of one state over a chunk of T steps, t = T-1 .. 0: carry is ā_T g_T
+// from the next chunk (or ∂loss/∂last_state); at(t) -> ReverseInputs; emit(t, StepGrads) receives
+// each step's gradients (the caller accumulates dA and reduces dΔ/du over states). Returns the carry
+// into the previous chunk.
+template <typename At, typename Emit>
+COMPRESSM_HOST_DEVICE float reverse_chunk(float carry, float A, int T, At at, Emit emit) {
+  for (int t = T - 1; t >= 0; --t) {
+    const ReverseInputs s = at(t);
+    const StepGrads g = reverse_step(carry, s.dy, s.delta, A, s.u, s.B, s.C, s.h_prev, s.h);
+    emit(t, g);
+    carry = g.carry;
+  }
+  return carry;
+}
+
+}  // namespace compressm
