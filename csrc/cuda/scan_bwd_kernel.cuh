@@ -1,10 +1,9 @@
 // Backward selective scan: one warp per (batch, channel), chunks in reverse. Within a chunk, for each
 // kept state the warp recomputes h from the forward's saved carry (forward warp scan), then runs the
-// reverse recurrence of the state gradient s_t = a_t * (C_t g_t + s_{t+1}) (reverse warp scan, started
-// from the next chunk's s or from d last_state). Gradients:
-//   dh_t = C_t g_t + s_{t+1},   g_t = dout_t * silu(z_t)
-//   du_t += dh_t dt_t B_t,  ddt_t += dh_t (u_t B_t + A h_{t-1} a_t),  dA += dh_t h_{t-1} a_t dt_t
-//   dB_t = dh_t dt_t u_t,   dC_t = g_t h_t,   dz_t = dout_t y_t silu'(z_t)  (y recomputed here).
+// reverse recurrence carry_t = a_t (C_t dy_t + carry_{t+1}) (reverse warp scan, started from the next
+// chunk's carry or from d last_state); each lane's steps then go through reverse_chunk of
+// compressm/scan_recurrence.h (the math shared with the CPU kernels), with dy_t = dout_t silu(z_t).
+// y is recomputed on the way for dz_t = dout_t y_t silu'(z_t), so the forward saves no output.
 // Variable dB/dC are summed over the channels of a group: when all channels keep the same states,
 // the block's warps (channels of one group) add theirs in shared memory first and issue one atomic
 // per element per block; with per-channel ranks each warp adds its own.
@@ -12,14 +11,14 @@
 
 #include "compressm/cuda_warp_scan.cuh"
 #include "scan_io.cuh"
-#include "scan_math.cuh"
+#include "compressm/scan_recurrence.h"
 #include "scan_params.h"
 
 namespace compressm {
 namespace cuda {
 
 struct BwdSmem {
-  float s_carry[kMaxChannelsPerBlock][kMaxDstate];  // s entering the current chunk from later steps
+  float s_carry[kMaxChannelsPerBlock][kMaxDstate];  // reverse carry entering the chunk from later steps
   float dA[kMaxChannelsPerBlock][kMaxDstate];       // per-channel sums over chunks, by rank slot
   float dB[kMaxChannelsPerBlock][kMaxDstate];       // invariant dB/dC sums
   float dC[kMaxChannelsPerBlock][kMaxDstate];
@@ -71,65 +70,62 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
   for (int chunk = p.n_chunks - 1; chunk >= 0; --chunk) {
     const int t0 = chunk * kChunk;
     const int t = t0 + lane * kItemsPerLane;
-    float u[kItemsPerLane], dt[kItemsPerLane], g[kItemsPerLane], dout[kItemsPerLane];
+    float u[kItemsPerLane], raw[kItemsPerLane], dt[kItemsPerLane], dy[kItemsPerLane], dout[kItemsPerLane];
     float gate[kItemsPerLane], y[kItemsPerLane], du[kItemsPerLane], ddt[kItemsPerLane];
     load_items<T>(u_row, t, p.seqlen, p.u.vec, u);
-    load_items<T>(delta_row, t, p.seqlen, p.delta.vec, dt);
-    load_items<T>(dout_row, t, p.seqlen, p.dout.vec, dout);  // 0 past L, so padded steps get g = 0
+    load_items<T>(delta_row, t, p.seqlen, p.delta.vec, raw);
+    load_items<T>(dout_row, t, p.seqlen, p.dout.vec, dout);  // 0 past L, so padded steps get dy = 0
     if (p.z.ptr) load_items<T>(activation_row<T>(p.z, b, d), t, p.seqlen, p.z.vec, gate);
 #pragma unroll
     for (int j = 0; j < kItemsPerLane; ++j) {
-      dt[j] = t + j < p.seqlen ? scan_delta(dt[j], bias, p.delta_softplus) : 0.f;
-      g[j] = p.z.ptr ? dout[j] * silu(gate[j]) : dout[j];
+      dt[j] = t + j < p.seqlen ? discretize(raw[j], bias, p.delta_softplus) : 0.f;
+      dy[j] = p.z.ptr ? dout[j] * silu_f32(gate[j]) : dout[j];
       y[j] = D_val * u[j];
-      du[j] = D_val * g[j];
+      du[j] = D_val * dy[j];
       ddt[j] = 0.f;
-      dD_sum = fmaf(g[j], u[j], dD_sum);
+      dD_sum = fmaf(dy[j], u[j], dD_sum);
     }
     for (int k = 0; k < rank; ++k) {
       const int n = kept ? kept[k] : k;
       const float A_n = A_row[n];
-      float B[kItemsPerLane], C[kItemsPerLane], decay[kItemsPerLane], h[kItemsPerLane];
+      float B[kItemsPerLane], C[kItemsPerLane], a[kItemsPerLane], h[kItemsPerLane];
       load_projection<T>(p.B, b, d, n, N, t, p.seqlen, B);
       load_projection<T>(p.C, b, d, n, N, t, p.seqlen, C);
       // Recompute h in the chunk from the forward's carry at the previous chunk's end.
       AffinePair fwd_map{1.f, 0.f};
 #pragma unroll
       for (int j = 0; j < kItemsPerLane; ++j) {
-        decay[j] = step_decay(dt[j], A_n);
-        h[j] = dt[j] * u[j] * B[j];  // the drive term for now; h after the serial pass
-        fwd_map = compose(fwd_map, AffinePair{decay[j], h[j]});
+        a[j] = decay(dt[j], A_n);
+        fwd_map = compose(fwd_map, AffinePair{a[j], dt[j] * u[j] * B[j]});
       }
       const float h_in = chunk > 0 ? carries[static_cast<int64_t>(chunk - 1) * N + n] : 0.f;
       float unused;
       const float h_start = warp_exclusive_scan<false>(fwd_map, h_in, unused);
       float h_prev = h_start;
-      // Reverse pairs: s_t = a_t s_{t+1} + a_t C_t g_t, composed from the lane's last step down.
-      AffinePair rev_map{1.f, 0.f};
 #pragma unroll
       for (int j = 0; j < kItemsPerLane; ++j) {
-        h[j] = fmaf(decay[j], h_prev, h[j]);
+        h[j] = forward_step(h_prev, dt[j], A_n, dt[j] * u[j], B[j]);
         h_prev = h[j];
         y[j] = fmaf(C[j], h[j], y[j]);
       }
+      // The reverse carry as affine maps, composed from the lane's last step down.
+      AffinePair rev_map{1.f, 0.f};
 #pragma unroll
-      for (int j = kItemsPerLane - 1; j >= 0; --j) rev_map = compose(rev_map, AffinePair{decay[j], decay[j] * C[j] * g[j]});
-      const float s_in = __shfl_sync(kFullMask, lane == 0 ? smem.s_carry[warp][k] : 0.f, 0);
-      float s_out;
-      float s = warp_exclusive_scan<true>(rev_map, s_in, s_out);
+      for (int j = kItemsPerLane - 1; j >= 0; --j) rev_map = compose(rev_map, AffinePair{a[j], a[j] * C[j] * dy[j]});
+      const float carry_in = __shfl_sync(kFullMask, lane == 0 ? smem.s_carry[warp][k] : 0.f, 0);
+      float carry_out;
+      const float lane_carry = warp_exclusive_scan<true>(rev_map, carry_in, carry_out);
       float dA_part = 0.f, dB_val[kItemsPerLane], dC_val[kItemsPerLane];
-#pragma unroll
-      for (int j = kItemsPerLane - 1; j >= 0; --j) {
-        const float dh = fmaf(C[j], g[j], s);
-        const float h_before = j > 0 ? h[j - 1] : h_start;
-        const float dh_decay_h = dh * decay[j] * h_before;  // gradient through a_t
-        du[j] = fmaf(dh * dt[j], B[j], du[j]);
-        ddt[j] = fmaf(dh, u[j] * B[j], fmaf(dh_decay_h, A_n, ddt[j]));
-        dA_part = fmaf(dh_decay_h, dt[j], dA_part);
-        dB_val[j] = dh * dt[j] * u[j];
-        dC_val[j] = g[j] * h[j];
-        s = decay[j] * dh;
-      }
+      reverse_chunk(
+          lane_carry, A_n, kItemsPerLane,
+          [&](int j) { return ReverseInputs{dy[j], dt[j], u[j], B[j], C[j], j > 0 ? h[j - 1] : h_start, h[j]}; },
+          [&](int j, const StepGrads& grads) {
+            du[j] += grads.du;
+            ddt[j] += grads.ddelta;
+            dA_part += grads.dA;
+            dB_val[j] = grads.dB;
+            dC_val[j] = grads.dC;
+          });
       dA_part = warp_sum(dA_part);
       if (!p.B.variable) {
         float sum = 0.f;
@@ -144,7 +140,7 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
         dC_val[0] = warp_sum(sum);
       }
       if (lane == 0) {
-        smem.s_carry[warp][k] = s_out;
+        smem.s_carry[warp][k] = carry_out;
         smem.dA[warp][k] += dA_part;
         if (!p.B.variable) smem.dB[warp][k] += dB_val[0];
         if (!p.C.variable) smem.dC[warp][k] += dC_val[0];
@@ -176,8 +172,8 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
     float dz[kItemsPerLane];
 #pragma unroll
     for (int j = 0; j < kItemsPerLane; ++j) {
-      if (p.z.ptr) dz[j] = dout[j] * y[j] * silu_grad(gate[j]);
-      ddt[j] *= scan_delta_grad(dt[j], p.delta_softplus);
+      if (p.z.ptr) dz[j] = dout[j] * y[j] * silu_grad_f32(gate[j]);
+      ddt[j] *= discretize_grad(raw[j], bias, p.delta_softplus);
       if (t + j < p.seqlen) dbias_sum += ddt[j];
     }
     store_items<T>(activation_row_mut<T>(p.du, b, d), t, p.seqlen, p.du.vec, du);

@@ -3,11 +3,12 @@
 // steps serially, then a warp scan across lanes, started from the state's carry), accumulating y in
 // registers. Only the carries at chunk ends are written (for last_state and the backward pass);
 // no per-step hidden state touches memory. Channel d's state loop runs its rank r_d, not N.
+// The per-step math is compressm/scan_recurrence.h, shared with the CPU kernels.
 #pragma once
 
 #include "compressm/cuda_warp_scan.cuh"
 #include "scan_io.cuh"
-#include "scan_math.cuh"
+#include "compressm/scan_recurrence.h"
 #include "scan_params.h"
 
 namespace compressm {
@@ -40,31 +41,28 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
 #pragma unroll
     for (int j = 0; j < kItemsPerLane; ++j) {
       // Steps past L become the identity (dt = 0: decay 1, input 0).
-      dt[j] = t + j < p.seqlen ? scan_delta(dt[j], bias, p.delta_softplus) : 0.f;
+      dt[j] = t + j < p.seqlen ? discretize(dt[j], bias, p.delta_softplus) : 0.f;
       y[j] = 0.f;
     }
     for (int k = 0; k < rank; ++k) {
       const int n = kept ? kept[k] : k;
       const float A_n = A_row[n];
-      float B[kItemsPerLane], C[kItemsPerLane], decay[kItemsPerLane], drive[kItemsPerLane];
+      float B[kItemsPerLane], C[kItemsPerLane];
       load_projection<T>(p.B, b, d, n, N, t, p.seqlen, B);
       load_projection<T>(p.C, b, d, n, N, t, p.seqlen, C);
+      // Each lane's steps as one affine map, scanned across the warp from the state's carry.
       AffinePair lane_map{1.f, 0.f};
 #pragma unroll
-      for (int j = 0; j < kItemsPerLane; ++j) {
-        decay[j] = step_decay(dt[j], A_n);
-        drive[j] = dt[j] * u[j] * B[j];
-        lane_map = compose(lane_map, AffinePair{decay[j], drive[j]});
-      }
+      for (int j = 0; j < kItemsPerLane; ++j)
+        lane_map = compose(lane_map, AffinePair{decay(dt[j], A_n), dt[j] * u[j] * B[j]});
       // Only lane 0 touches the carry slot, so no lane can read it after lane 0 rewrote it.
       const float carry_in = __shfl_sync(kFullMask, lane == 0 && chunk > 0 ? carry[k] : 0.f, 0);
       float chunk_end;
-      float h = warp_exclusive_scan<false>(lane_map, carry_in, chunk_end);
-#pragma unroll
-      for (int j = 0; j < kItemsPerLane; ++j) {
-        h = fmaf(decay[j], h, drive[j]);
-        y[j] = fmaf(C[j], h, y[j]);
-      }
+      const float h_start = warp_exclusive_scan<false>(lane_map, carry_in, chunk_end);
+      forward_chunk(
+          h_start, A_n, kItemsPerLane,
+          [&](int j) { return StepInputs{dt[j], dt[j] * u[j], B[j], C[j]}; },
+          [&](int j, float c_h) { y[j] += c_h; });
       if (lane == 0) {
         carry[k] = chunk_end;
         carries[static_cast<int64_t>(chunk) * N + n] = chunk_end;
@@ -78,7 +76,7 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
 #pragma unroll
     for (int j = 0; j < kItemsPerLane; ++j) {
       y[j] = fmaf(D_val, u[j], y[j]);
-      if (p.z.ptr) y[j] *= silu(gate[j]);
+      if (p.z.ptr) y[j] *= silu_f32(gate[j]);
     }
     store_items<T>(activation_row_mut<T>(p.out, b, d), t, p.seqlen, p.out.vec, y);
   }
