@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "scan_params.h"
@@ -25,11 +26,17 @@ using OptTensor = std::optional<Tensor>;
 
 std::string shape_str(const Tensor& t) { return c10::str(t.sizes()); }
 
-void check_device(const char* name, const Tensor& t, const Tensor& u) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device(),
-                    " (the CUDA selective scan runs on CUDA tensors only)");
-  TORCH_CHECK_VALUE(t.device() == u.device(), name, " is on ", t.device(), " but u is on ", u.device());
+// Devices are checked after dtypes and shapes (so those checks run, and are testable, without a GPU).
+void check_devices(std::initializer_list<std::pair<const char*, const Tensor*>> tensors, const Tensor& u) {
+  for (const auto& [name, t] : tensors) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_VALUE(t->is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t->device(),
+                      " (the CUDA selective scan runs on CUDA tensors only)");
+    TORCH_CHECK_VALUE(t->device() == u.device(), name, " is on ", t->device(), " but u is on ", u.device());
+  }
 }
+
+const Tensor* ptr(const OptTensor& t) { return t.has_value() ? &*t : nullptr; }
 
 void check_dtype(const char* name, const Tensor& t, at::ScalarType expected) {
   TORCH_CHECK_TYPE(t.scalar_type() == expected, name, " must have dtype ", expected, ", got ", t.scalar_type());
@@ -59,7 +66,6 @@ bool aligned16(const Tensor& t, std::initializer_list<int64_t> strides) {
 
 // A (Bt, D, L) activation in u's dtype.
 ActivationRef activation(const char* name, const Tensor& t, const Tensor& u) {
-  check_device(name, t, u);
   check_dtype(name, t, u.scalar_type());
   check_shape(name, t, u.sizes(), "(Bt, D, L) like u");
   check_unit_stride(name, t);
@@ -77,7 +83,6 @@ ActivationRef activation(const char* name, const OptTensor& t, const Tensor& u) 
 
 // B or C: (D, N) fp32 contiguous, (Bt, N, L) or (Bt, G, N, L) in u's dtype.
 ProjectionRef projection(const char* name, const Tensor& t, const Tensor& u, int64_t dstate) {
-  check_device(name, t, u);
   const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2);
   ProjectionRef ref;
   ref.ptr = t.data_ptr();
@@ -108,7 +113,6 @@ ProjectionRef projection(const char* name, const Tensor& t, const Tensor& u, int
 
 const float* param_vector(const char* name, const OptTensor& t, const Tensor& u) {
   if (!t.has_value()) return nullptr;
-  check_device(name, *t, u);
   check_dtype(name, *t, at::kFloat);
   check_shape(name, *t, {u.size(1)}, "(D,)");
   check_contiguous(name, *t);
@@ -124,17 +128,14 @@ int channels_per_block(int64_t dim, const ProjectionRef& B, const ProjectionRef&
   return 1;
 }
 
-// Checks the shared forward/backward arguments and fills the fields of the params they determine.
+// Checks the shared forward/backward arguments (all but their devices) and fills the fields of the params they determine.
 void fill_common(ScanFwdParams& p, const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                  const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
                  const OptTensor& ranks, const OptTensor& kept, bool delta_softplus) {
-  TORCH_CHECK_VALUE(u.is_cuda(), "u must be a CUDA tensor, got a tensor on ", u.device(),
-                    " (the CUDA selective scan runs on CUDA tensors only)");
   TORCH_CHECK_TYPE(u.scalar_type() == at::kFloat || u.scalar_type() == at::kHalf || u.scalar_type() == at::kBFloat16,
                    "u must have dtype float32, float16 or bfloat16, got ", u.scalar_type());
   TORCH_CHECK_VALUE(u.dim() == 3 && u.numel() > 0, "u must have non-empty shape (Bt, D, L), got ", shape_str(u));
   check_unit_stride("u", u);
-  check_device("A", A, u);
   check_dtype("A", A, at::kFloat);
   TORCH_CHECK_VALUE(A.dim() == 2 && A.size(0) == u.size(1) && A.size(1) >= 1 && A.size(1) <= kMaxDstate,
                     "A must have shape (D, N) with D=", u.size(1), " and 1 <= N <= ", kMaxDstate, ", got ", shape_str(A));
@@ -160,8 +161,6 @@ void fill_common(ScanFwdParams& p, const Tensor& u, const Tensor& delta, const T
 
   TORCH_CHECK_VALUE(ranks.has_value() == kept.has_value(), "ranks and kept must be given together (or neither)");
   if (ranks.has_value()) {
-    check_device("ranks", *ranks, u);
-    check_device("kept", *kept, u);
     check_dtype("ranks", *ranks, at::kInt);
     check_dtype("kept", *kept, at::kInt);
     check_contiguous("ranks", *ranks);
@@ -177,6 +176,14 @@ void fill_common(ScanFwdParams& p, const Tensor& u, const Tensor& delta, const T
     p.ranks = ranks->data_ptr<int32_t>();
     p.kept = kept->data_ptr<int32_t>();
   }
+}
+
+void check_common_devices(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                          const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& ranks,
+                          const OptTensor& kept) {
+  check_devices({{"u", &u}, {"delta", &delta}, {"A", &A}, {"B", &B}, {"C", &C}, {"D", ptr(D)}, {"z", ptr(z)},
+                 {"delta_bias", ptr(delta_bias)}, {"ranks", ptr(ranks)}, {"kept", ptr(kept)}},
+                u);
 }
 
 template <typename Params>
@@ -197,6 +204,7 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
                         const OptTensor& kept, bool delta_softplus) {
   ScanFwdParams p;
   fill_common(p, u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus);
+  check_common_devices(u, delta, A, B, C, D, z, delta_bias, ranks, kept);
   const c10::cuda::CUDAGuard guard(u.device());
   Tensor out = at::empty(u.sizes(), u.options());
   Tensor carries = at::empty({p.batch, p.dim, p.n_chunks, p.dstate}, u.options().dtype(at::kFloat));
@@ -215,19 +223,19 @@ std::vector<Tensor> bwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
                         bool delta_softplus) {
   ScanBwdParams p;
   fill_common(p, u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus);
-  check_device("carries", carries, u);
   check_dtype("carries", carries, at::kFloat);
   check_shape("carries", carries, {p.batch, p.dim, p.n_chunks, p.dstate}, "(Bt, D, n_chunks, N)");
   check_contiguous("carries", carries);
   p.carries = const_cast<float*>(carries.data_ptr<float>());
   p.dout = activation("dout", dout, u);
   if (dlast.has_value()) {
-    check_device("dlast", *dlast, u);
     check_dtype("dlast", *dlast, at::kFloat);
     check_shape("dlast", *dlast, {p.batch, p.dim, p.dstate}, "(Bt, D, N)");
     check_contiguous("dlast", *dlast);
     p.dlast = dlast->data_ptr<float>();
   }
+  check_common_devices(u, delta, A, B, C, D, z, delta_bias, ranks, kept);
+  check_devices({{"carries", &carries}, {"dout", &dout}, {"dlast", ptr(dlast)}}, u);
 
   const c10::cuda::CUDAGuard guard(u.device());
   const auto f32 = u.options().dtype(at::kFloat);
