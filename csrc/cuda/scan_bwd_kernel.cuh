@@ -17,14 +17,18 @@
 namespace compressm {
 namespace cuda {
 
-struct BwdSmem {
-  float s_carry[kMaxChannelsPerBlock][kMaxDstate];  // reverse carry entering the chunk from later steps
-  float dA[kMaxChannelsPerBlock][kMaxDstate];       // per-channel sums over chunks, by rank slot
-  float dB[kMaxChannelsPerBlock][kMaxDstate];       // invariant dB/dC sums
-  float dC[kMaxChannelsPerBlock][kMaxDstate];
-  float reduce_B[2][kMaxChannelsPerBlock][kChunk];  // variable dB/dC, double-buffered per state
-  float reduce_C[2][kMaxChannelsPerBlock][kChunk];
-};
+// Dynamic shared memory, sized for the block's channels and N (a small block then still fits many
+// times on an SM): per warp 4 x N floats, by rank slot
+//   [reverse carry entering the chunk | dA sum | invariant dB sum | invariant dC sum],
+// then, with the block-level reduction, reduce[2 (parity)][2 (B, C)][channels_per_block][kChunk].
+__host__ __device__ inline bool bwd_block_reduce(const ScanBwdParams& p) {
+  return !p.per_channel_ranks && p.channels_per_block > 1 && (p.B.variable || p.C.variable);
+}
+inline size_t bwd_smem_bytes(const ScanBwdParams& p) {
+  const size_t per_warp = 4 * static_cast<size_t>(p.dstate);
+  const size_t reduce = bwd_block_reduce(p) ? 4 * static_cast<size_t>(kChunk) : 0;
+  return sizeof(float) * p.channels_per_block * (per_warp + reduce);
+}
 
 // Adds this warp's dB or dC values of state n for its lane's steps to the fp32 (Bt, G, N, L) buffer.
 __device__ __forceinline__ void add_to_projection_grad(float* grad_row, int t, int seqlen,
@@ -37,7 +41,7 @@ __device__ __forceinline__ void add_to_projection_grad(float* grad_row, int t, i
 template <typename T>
 __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
     scan_bwd_kernel(const ScanBwdParams p) {
-  __shared__ BwdSmem smem;
+  extern __shared__ float bwd_smem[];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int b = blockIdx.y;
@@ -45,21 +49,25 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
   const int N = p.dstate;
   const int rank = channel_rank(p, d);
   const int32_t* kept = channel_kept(p, d);
-  const float* A_row = p.A + static_cast<int64_t>(d) * N;
   const float D_val = p.D ? p.D[d] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
   const int64_t bd = static_cast<int64_t>(b) * p.dim + d;
   const float* carries = p.carries + bd * p.n_chunks * N;
   // Block-level reduction of variable dB/dC: every warp of the block runs the same state loop.
-  const bool block_reduce = !p.per_channel_ranks && p.channels_per_block > 1 && (p.B.variable || p.C.variable);
+  const bool block_reduce = bwd_block_reduce(p);
+  float* s_carry = bwd_smem + warp * 4 * N;
+  float* dA_sum = s_carry + N;
+  float* dB_sum = s_carry + 2 * N;
+  float* dC_sum = s_carry + 3 * N;
+  float* reduce = bwd_smem + p.channels_per_block * 4 * N;  // [parity][B or C][warp][kChunk]
   const int groups_B = p.dim / p.B.channels_per_group, groups_C = p.dim / p.C.channels_per_group;
   float* dB_rows = p.dB + (static_cast<int64_t>(b) * groups_B + d / p.B.channels_per_group) * N * p.seqlen;
   float* dC_rows = p.dC + (static_cast<int64_t>(b) * groups_C + d / p.C.channels_per_group) * N * p.seqlen;
 
   if (lane == 0) {
     for (int k = 0; k < rank; ++k) {
-      smem.s_carry[warp][k] = p.dlast ? p.dlast[bd * N + (kept ? kept[k] : k)] : 0.f;
-      smem.dA[warp][k] = smem.dB[warp][k] = smem.dC[warp][k] = 0.f;
+      s_carry[k] = p.dlast ? p.dlast[bd * N + (kept ? kept[k] : k)] : 0.f;
+      dA_sum[k] = dB_sum[k] = dC_sum[k] = 0.f;
     }
   }
   float dD_sum = 0.f, dbias_sum = 0.f;
@@ -85,12 +93,16 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
       ddt[j] = 0.f;
       dD_sum = fmaf(dy[j], u[j], dD_sum);
     }
+    StateOperands next;
+    if (rank > 0) load_state<T>(p, b, d, kept, 0, t, next);
     for (int k = 0; k < rank; ++k) {
-      const int n = kept ? kept[k] : k;
-      const float A_n = A_row[n];
-      float B[kItemsPerLane], C[kItemsPerLane], a[kItemsPerLane], h[kItemsPerLane];
-      load_projection<T>(p.B, b, d, n, N, t, p.seqlen, B);
-      load_projection<T>(p.C, b, d, n, N, t, p.seqlen, C);
+      const StateOperands cur = next;
+      if (k + 1 < rank) load_state<T>(p, b, d, kept, k + 1, t, next);
+      const int n = cur.n;
+      const float A_n = cur.A;
+      const float(&B)[kItemsPerLane] = cur.B;
+      const float(&C)[kItemsPerLane] = cur.C;
+      float a[kItemsPerLane], h[kItemsPerLane];
       // Recompute h in the chunk from the forward's carry at the previous chunk's end.
       AffinePair fwd_map{1.f, 0.f};
 #pragma unroll
@@ -112,7 +124,7 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
       AffinePair rev_map{1.f, 0.f};
 #pragma unroll
       for (int j = kItemsPerLane - 1; j >= 0; --j) rev_map = compose(rev_map, AffinePair{a[j], a[j] * C[j] * dy[j]});
-      const float carry_in = __shfl_sync(kFullMask, lane == 0 ? smem.s_carry[warp][k] : 0.f, 0);
+      const float carry_in = __shfl_sync(kFullMask, lane == 0 ? s_carry[k] : 0.f, 0);
       float carry_out;
       const float lane_carry = warp_exclusive_scan<true>(rev_map, carry_in, carry_out);
       float dA_part = 0.f, dB_val[kItemsPerLane], dC_val[kItemsPerLane];
@@ -140,24 +152,24 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
         dC_val[0] = warp_sum(sum);
       }
       if (lane == 0) {
-        smem.s_carry[warp][k] = carry_out;
-        smem.dA[warp][k] += dA_part;
-        if (!p.B.variable) smem.dB[warp][k] += dB_val[0];
-        if (!p.C.variable) smem.dC[warp][k] += dC_val[0];
+        s_carry[k] = carry_out;
+        dA_sum[k] += dA_part;
+        if (!p.B.variable) dB_sum[k] += dB_val[0];
+        if (!p.C.variable) dC_sum[k] += dC_val[0];
       }
       if (block_reduce) {
         // The warps hold the same state n of channels in one group: sum them, one atomic per element.
 #pragma unroll
         for (int j = 0; j < kItemsPerLane; ++j) {
-          smem.reduce_B[parity][warp][lane * kItemsPerLane + j] = dB_val[j];
-          smem.reduce_C[parity][warp][lane * kItemsPerLane + j] = dC_val[j];
+          reduce[((parity * 2 + 0) * p.channels_per_block + warp) * kChunk + lane * kItemsPerLane + j] = dB_val[j];
+          reduce[((parity * 2 + 1) * p.channels_per_block + warp) * kChunk + lane * kItemsPerLane + j] = dC_val[j];
         }
         __syncthreads();
         for (int e = threadIdx.x; e < kChunk && t0 + e < p.seqlen; e += blockDim.x) {
           float sum_B = 0.f, sum_C = 0.f;
           for (int w = 0; w < p.channels_per_block; ++w) {
-            sum_B += smem.reduce_B[parity][w][e];
-            sum_C += smem.reduce_C[parity][w][e];
+            sum_B += reduce[((parity * 2 + 0) * p.channels_per_block + w) * kChunk + e];
+            sum_C += reduce[((parity * 2 + 1) * p.channels_per_block + w) * kChunk + e];
           }
           if (p.B.variable) atomicAdd(dB_rows + static_cast<int64_t>(n) * p.seqlen + t0 + e, sum_B);
           if (p.C.variable) atomicAdd(dC_rows + static_cast<int64_t>(n) * p.seqlen + t0 + e, sum_C);
@@ -189,9 +201,9 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
     // Atomics across the batch; dropped states are never touched and stay zero.
     for (int k = 0; k < rank; ++k) {
       const int64_t dn = static_cast<int64_t>(d) * N + (kept ? kept[k] : k);
-      atomicAdd(p.dA + dn, smem.dA[warp][k]);
-      if (!p.B.variable) atomicAdd(p.dB + dn, smem.dB[warp][k]);
-      if (!p.C.variable) atomicAdd(p.dC + dn, smem.dC[warp][k]);
+      atomicAdd(p.dA + dn, dA_sum[k]);
+      if (!p.B.variable) atomicAdd(p.dB + dn, dB_sum[k]);
+      if (!p.C.variable) atomicAdd(p.dC + dn, dC_sum[k]);
     }
   }
 }
@@ -199,7 +211,7 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
 template <typename T>
 void launch_scan_bwd(const ScanBwdParams& params, cudaStream_t stream) {
   const dim3 grid(params.dim / params.channels_per_block, params.batch);
-  scan_bwd_kernel<T><<<grid, params.channels_per_block * kWarpSize, 0, stream>>>(params);
+  scan_bwd_kernel<T><<<grid, params.channels_per_block * kWarpSize, bwd_smem_bytes(params), stream>>>(params);
 }
 
 }  // namespace cuda

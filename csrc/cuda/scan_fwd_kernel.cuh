@@ -17,7 +17,7 @@ namespace cuda {
 template <typename T>
 __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
     scan_fwd_kernel(const ScanFwdParams p) {
-  __shared__ float carry_smem[kMaxChannelsPerBlock][kMaxDstate];  // h at the last chunk's end, by rank slot
+  extern __shared__ float fwd_smem[];  // (channels_per_block, N): h at the last chunk's end, by rank slot
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int b = blockIdx.y;
@@ -25,11 +25,10 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
   const int N = p.dstate;
   const int rank = channel_rank(p, d);
   const int32_t* kept = channel_kept(p, d);
-  const float* A_row = p.A + static_cast<int64_t>(d) * N;
   const float D_val = p.D ? p.D[d] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
   float* carries = p.carries + (static_cast<int64_t>(b) * p.dim + d) * p.n_chunks * N;
-  float* carry = carry_smem[warp];
+  float* carry = fwd_smem + warp * N;
 
   const T* u_row = activation_row<T>(p.u, b, d);
   const T* delta_row = activation_row<T>(p.delta, b, d);
@@ -44,12 +43,15 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
       dt[j] = t + j < p.seqlen ? discretize(dt[j], bias, p.delta_softplus) : 0.f;
       y[j] = 0.f;
     }
+    StateOperands next;
+    if (rank > 0) load_state<T>(p, b, d, kept, 0, t, next);
     for (int k = 0; k < rank; ++k) {
-      const int n = kept ? kept[k] : k;
-      const float A_n = A_row[n];
-      float B[kItemsPerLane], C[kItemsPerLane];
-      load_projection<T>(p.B, b, d, n, N, t, p.seqlen, B);
-      load_projection<T>(p.C, b, d, n, N, t, p.seqlen, C);
+      const StateOperands cur = next;
+      if (k + 1 < rank) load_state<T>(p, b, d, kept, k + 1, t, next);
+      const int n = cur.n;
+      const float A_n = cur.A;
+      const float(&B)[kItemsPerLane] = cur.B;
+      const float(&C)[kItemsPerLane] = cur.C;
       // Each lane's steps as one affine map, scanned across the warp from the state's carry.
       AffinePair lane_map{1.f, 0.f};
 #pragma unroll
@@ -85,7 +87,8 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
 template <typename T>
 void launch_scan_fwd(const ScanFwdParams& params, cudaStream_t stream) {
   const dim3 grid(params.dim / params.channels_per_block, params.batch);
-  scan_fwd_kernel<T><<<grid, params.channels_per_block * kWarpSize, 0, stream>>>(params);
+  const size_t smem = sizeof(float) * params.channels_per_block * params.dstate;
+  scan_fwd_kernel<T><<<grid, params.channels_per_block * kWarpSize, smem, stream>>>(params);
 }
 
 }  // namespace cuda

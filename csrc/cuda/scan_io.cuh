@@ -85,5 +85,23 @@ __device__ __forceinline__ void load_projection(const ProjectionRef& ref, int b,
   }
 }
 
+// What one kept state contributes to a lane's steps: its index, A and B/C values. Loaded one state
+// ahead of its use, so the (L2-latency) loads of state k+1 overlap the scan of state k.
+struct StateOperands {
+  int n;
+  float A;
+  float B[kItemsPerLane];
+  float C[kItemsPerLane];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_state(const ScanFwdParams& p, int b, int d, const int32_t* kept, int k, int t,
+                                           StateOperands& s) {
+  s.n = kept ? kept[k] : k;
+  s.A = p.A[static_cast<int64_t>(d) * p.dstate + s.n];
+  load_projection<T>(p.B, b, d, s.n, p.dstate, t, p.seqlen, s.B);
+  load_projection<T>(p.C, b, d, s.n, p.dstate, t, p.seqlen, s.C);
+}
+
 }  // namespace cuda
 }  // namespace compressm

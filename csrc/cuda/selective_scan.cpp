@@ -119,8 +119,11 @@ const float* param_vector(const char* name, const OptTensor& t, const Tensor& u)
   return t->data_ptr<float>();
 }
 
-// One warp per channel, up to kMaxChannelsPerBlock channels (all in one group of B and of C) per block.
-int channels_per_block(int64_t dim, const ProjectionRef& B, const ProjectionRef& C) {
+// One warp per channel. With shared kept states, up to kMaxChannelsPerBlock channels (all in one group
+// of B and of C, so the block can sum their dB/dC); with per-channel ranks one channel per block, so a
+// channel with a small rank never waits for a longer one in its block.
+int channels_per_block(int64_t dim, const ProjectionRef& B, const ProjectionRef& C, bool per_channel_ranks) {
+  if (per_channel_ranks) return 1;
   const int64_t group_B = B.variable ? B.channels_per_group : dim;
   const int64_t group_C = C.variable ? C.channels_per_group : dim;
   for (int cpb = kMaxChannelsPerBlock; cpb > 1; cpb /= 2)
@@ -157,7 +160,6 @@ void fill_common(ScanFwdParams& p, const Tensor& u, const Tensor& delta, const T
   p.A = A.data_ptr<float>();
   p.D = param_vector("D", D, u);
   p.delta_bias = param_vector("delta_bias", delta_bias, u);
-  p.channels_per_block = channels_per_block(dim, p.B, p.C);
 
   TORCH_CHECK_VALUE(ranks.has_value() == kept.has_value(), "ranks and kept must be given together (or neither)");
   if (ranks.has_value()) {
@@ -176,6 +178,7 @@ void fill_common(ScanFwdParams& p, const Tensor& u, const Tensor& delta, const T
     p.ranks = ranks->data_ptr<int32_t>();
     p.kept = kept->data_ptr<int32_t>();
   }
+  p.channels_per_block = channels_per_block(dim, p.B, p.C, p.per_channel_ranks);
 }
 
 void check_common_devices(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
