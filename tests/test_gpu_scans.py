@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from compressm_kernels import compact_scan_args, selective_scan_fn, selective_scan_ref
+from compressm_kernels import compact_scan_args, mask_to_ranks, selective_scan_fn, selective_scan_ref
 from compressm_kernels.ops.selective_scan import cuda as cuda_backend
 from scan_cases import Case, assert_close, make_inputs, run_with_grads
 
@@ -191,3 +191,18 @@ def test_binding_rejects_mixed_devices() -> None:
     with pytest.raises(ValueError, match="delta must be a CUDA tensor, got a tensor on cpu"):
         module.fwd(args["u"], args["delta"].cpu(), args["A"], args["B"], args["C"], args["D"], args["z"],
                    args["delta_bias"], None, None, True)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+def test_custom_ops_pass_opcheck(dtype: torch.dtype) -> None:
+    """Schema, fake kernels and real kernels agree (torch.library.opcheck)."""
+    case = Case(batch=2, dim=4, seqlen=300, dstate=12, dtype=dtype)
+    x = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in make_inputs(case, device="cuda").items()}
+    mask = _random_mask(case, "per_channel", seed=14)
+    ranks, kept = mask_to_ranks(mask, case.dim)
+    fwd_args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], ranks, kept, True)
+    torch.library.opcheck(torch.ops.compressm.selective_scan_fwd_cuda, fwd_args)
+    out, carries = torch.ops.compressm.selective_scan_fwd_cuda(*fwd_args)
+    dlast = torch.randn(case.batch, case.dim, case.dstate, device="cuda")
+    bwd_args = (*fwd_args[:10], carries, torch.randn_like(out), dlast, True)
+    torch.library.opcheck(torch.ops.compressm.selective_scan_bwd_cuda, bwd_args)
