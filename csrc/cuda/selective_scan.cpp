@@ -1,7 +1,11 @@
 // Python binding of the CUDA selective scan (compressm_kernels._C_cuda): checks every tensor's dtype,
 // device, shape and layout with a message naming it, allocates outputs, fills the params struct and
 // launches. Nothing is converted implicitly: a wrong dtype or layout is an error, not a copy.
-#include <torch/extension.h>
+// ATen + torch's pybind casters instead of <torch/extension.h>: the same API this file uses, and ~30 %
+// less compile time (measured 52 s vs 74 s on the 2-core build machine), which CI pays on every run.
+#include <ATen/ATen.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
