@@ -208,11 +208,5 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
   }
 }
 
-template <typename T>
-void launch_scan_bwd(const ScanBwdParams& params, cudaStream_t stream) {
-  const dim3 grid(params.dim / params.channels_per_block, params.batch);
-  scan_bwd_kernel<T><<<grid, params.channels_per_block * kWarpSize, bwd_smem_bytes(params), stream>>>(params);
-}
-
 }  // namespace cuda
 }  // namespace compressm

@@ -84,12 +84,8 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * kWarpSize)
   }
 }
 
-template <typename T>
-void launch_scan_fwd(const ScanFwdParams& params, cudaStream_t stream) {
-  const dim3 grid(params.dim / params.channels_per_block, params.batch);
-  const size_t smem = sizeof(float) * params.channels_per_block * params.dstate;
-  scan_fwd_kernel<T><<<grid, params.channels_per_block * kWarpSize, smem, stream>>>(params);
-}
+// Shared memory of a forward block: (channels_per_block, N) carries.
+inline size_t fwd_smem_bytes(const ScanFwdParams& p) { return sizeof(float) * p.channels_per_block * p.dstate; }
 
 }  // namespace cuda
 }  // namespace compressm

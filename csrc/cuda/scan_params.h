@@ -79,6 +79,22 @@ __host__ __device__ inline const int32_t* channel_kept(const ScanFwdParams& p, i
   return p.kept ? p.kept + (p.per_channel_ranks ? static_cast<int64_t>(d) * p.dstate : 0) : nullptr;
 }
 
+// Launch geometry: one warp per channel, channels_per_block channels per block, batch on grid.y.
+inline dim3 scan_grid(const ScanFwdParams& p) { return dim3(p.dim / p.channels_per_block, p.batch); }
+inline dim3 scan_block(const ScanFwdParams& p) { return dim3(p.channels_per_block * 32); }
+
+// With shared kept states, up to kMaxChannelsPerBlock channels (all in one group of B and of C, so the
+// block can sum their dB/dC); with per-channel ranks one channel per block, so a channel with a small
+// rank never waits for a longer one in its block. Call after B, C and per_channel_ranks are set.
+inline int pick_channels_per_block(const ScanFwdParams& p) {
+  if (p.per_channel_ranks) return 1;
+  const int group_B = p.B.variable ? p.B.channels_per_group : p.dim;
+  const int group_C = p.C.variable ? p.C.channels_per_group : p.dim;
+  for (int cpb = kMaxChannelsPerBlock; cpb > 1; cpb /= 2)
+    if (group_B % cpb == 0 && group_C % cpb == 0) return cpb;
+  return 1;
+}
+
 template <typename T>
 void launch_scan_fwd(const ScanFwdParams& params, cudaStream_t stream);
 template <typename T>

@@ -123,18 +123,6 @@ const float* param_vector(const char* name, const OptTensor& t, const Tensor& u)
   return t->data_ptr<float>();
 }
 
-// One warp per channel. With shared kept states, up to kMaxChannelsPerBlock channels (all in one group
-// of B and of C, so the block can sum their dB/dC); with per-channel ranks one channel per block, so a
-// channel with a small rank never waits for a longer one in its block.
-int channels_per_block(int64_t dim, const ProjectionRef& B, const ProjectionRef& C, bool per_channel_ranks) {
-  if (per_channel_ranks) return 1;
-  const int64_t group_B = B.variable ? B.channels_per_group : dim;
-  const int64_t group_C = C.variable ? C.channels_per_group : dim;
-  for (int cpb = kMaxChannelsPerBlock; cpb > 1; cpb /= 2)
-    if (group_B % cpb == 0 && group_C % cpb == 0) return cpb;
-  return 1;
-}
-
 // Checks the shared forward/backward arguments (all but their devices) and fills the fields of the params they determine.
 void fill_common(ScanFwdParams& p, const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                  const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
@@ -182,7 +170,7 @@ void fill_common(ScanFwdParams& p, const Tensor& u, const Tensor& delta, const T
     p.ranks = ranks->data_ptr<int32_t>();
     p.kept = kept->data_ptr<int32_t>();
   }
-  p.channels_per_block = channels_per_block(dim, p.B, p.C, p.per_channel_ranks);
+  p.channels_per_block = pick_channels_per_block(p);
 }
 
 void check_common_devices(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
