@@ -91,8 +91,8 @@ def emulate(inputs: dict, state_mask: torch.Tensor | None, dout: torch.Tensor, d
     sizes = (ctypes.c_int * 4)(batch, dim, seqlen, dstate)
     rc = _library().emulate_scan(
         DTYPE_CODES[u.dtype], sizes, (ctypes.c_void_p * len(ins))(*map(_ptr, ins)),
-        (ctypes.c_void_p * len(outs))(*map(_ptr, outs)), groups(B), groups(C), int(kept is not None and kept.dim() == 2),
-        int(x["delta_softplus"]),
+        (ctypes.c_void_p * len(outs))(*map(_ptr, outs)), groups(B), groups(C),
+        int(kept is not None and kept.dim() == 2), int(x["delta_softplus"]),
     )
     assert rc == 0, f"emulate_scan returned {rc}"
     found = {"out": out}
