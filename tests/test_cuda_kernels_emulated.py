@@ -124,6 +124,7 @@ CASES = [
     (Case(batch=1, dim=4, seqlen=264, dstate=13, groups=2, b_form="grouped", c_form="grouped", dtype=torch.bfloat16),
      "per_channel"),
     (Case(batch=1, dim=2, seqlen=40, dstate=6, return_last_state=False, dtype=torch.float16), "shared"),
+    (Case(batch=1, dim=4, seqlen=20, dstate=256), "shared"),  # the largest N: shared memory at its maximum
 ]
 
 
