@@ -14,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -42,7 +43,7 @@ def _library() -> ctypes.CDLL:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES if p.is_file())).hexdigest()[:16]
     target = Path(tempfile.gettempdir()) / f"compressm_cuda_emulation_{digest}.so"
     if not target.exists():
-        partial = target.with_suffix(f".{digest}.tmp")
+        partial = target.with_suffix(f".{os.getpid()}.tmp")  # concurrent test processes do not collide
         subprocess.run(
             [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{EMULATION}",
              f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc' / 'include'}",
