@@ -15,7 +15,7 @@ import torch
 
 from compressm_kernels import selective_scan_fn
 from compressm_kernels._extensions import load_extension
-from compressm_kernels.ops.selective_scan import MAX_DSTATE, check_scan_inputs
+from compressm_kernels.ops.selective_scan import MAX_DSTATE, ScanInputs, check_scan_inputs
 from compressm_kernels.ops.selective_scan import cuda as cuda_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,3 +176,31 @@ def test_backend_declines_cpu_tensors_with_reason() -> None:
     assert "needs CUDA tensors" in cuda_backend.unavailable_reason(x)
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run these inputs: the cuda backend needs CUDA"):
         selective_scan_fn(**args, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    ("b_shape", "mask_shape", "dtype"),
+    [((2, 16, 300), None, torch.float32), ((4, 16), (16,), torch.bfloat16), ((2, 2, 16, 300), (4, 16), torch.float16)],
+    ids=["variable-nomask", "invariant-shared-bf16", "grouped-perchannel-fp16"],
+)
+def test_autograd_path_runs_on_meta_tensors(b_shape: tuple, mask_shape: tuple | None, dtype: torch.dtype) -> None:
+    """scan -> SelectiveScanCuda -> custom ops (fake kernels) -> backward: every gradient has its input's
+    shape and dtype, with nothing executed (meta tensors carry no data)."""
+    act = {"device": "meta", "dtype": dtype}
+    inputs = {
+        "u": torch.empty(2, 4, 300, **act), "delta": torch.empty(2, 4, 300, **act),
+        "A": torch.empty(4, 16, device="meta"),
+        "B": torch.empty(*b_shape, device="meta", dtype=torch.float32 if len(b_shape) == 2 else dtype),
+        "C": torch.empty(2, 16, 300, **act), "D": torch.empty(4, device="meta"),
+        "z": torch.empty(2, 4, 300, **act), "delta_bias": torch.empty(4, device="meta"),
+    }
+    for t in inputs.values():
+        t.requires_grad_(True)
+    mask = torch.ones(mask_shape, device="meta", dtype=torch.bool) if mask_shape else None
+    x = ScanInputs(**inputs, delta_softplus=True, return_last_state=True, state_mask=mask)  # no value checks on meta
+    out, last_state = cuda_backend.scan(x)
+    assert out.shape == (2, 4, 300) and out.dtype == dtype
+    assert last_state.shape == (2, 4, 16) and last_state.dtype == torch.float32
+    grads = torch.autograd.grad(out.float().sum() + last_state.sum(), list(inputs.values()))
+    for (name, t), g in zip(inputs.items(), grads, strict=True):
+        assert g.shape == t.shape and g.dtype == t.dtype, f"d{name}: {tuple(g.shape)} {g.dtype}"
