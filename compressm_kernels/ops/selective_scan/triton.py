@@ -12,6 +12,7 @@ Eligible on CUDA tensors when triton imports, and on CPU tensors only under ``TR
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -67,11 +68,12 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-def launch_config(dim: int, seqlen: int, groups: int) -> LaunchConfig:
-    """The tile sizes for these sizes (a heuristic; only powers of two, so few compiled variants)."""
+def launch_config(dim: int, seqlen: int, group_size: int) -> LaunchConfig:
+    """The tile sizes for these sizes (a heuristic; only powers of two, so few compiled variants).
+    ``group_size``: a tile must divide it (the gcd of B's and C's channels per group; ``dim`` if ungrouped)."""
     cfg = _forced or LaunchConfig(chunk=min(256, max(16, 1 << (seqlen - 1).bit_length())))
-    # A channel tile must sit inside one group of B/C, so its rows are shared by the whole tile.
-    block_d = _pow2_divisor(dim // groups, cfg.block_d) if groups > 1 else cfg.block_d
+    # A channel tile must sit inside one group of B and of C, so a row of B/C serves the whole tile.
+    block_d = _pow2_divisor(group_size, cfg.block_d) if group_size < dim else cfg.block_d
     return LaunchConfig(block_d, cfg.chunk, cfg.fwd_warps, cfg.bwd_warps)
 
 
@@ -106,8 +108,9 @@ def _bc_strides(t: Tensor) -> tuple[Tensor, tuple[int, int, int], bool]:
     return t, (t.stride(0), t.stride(1), t.stride(2)), True
 
 
-def _groups(B: Tensor, C: Tensor) -> int:
-    return next((t.shape[1] for t in (B, C) if t.dim() == 4), 1)
+def _groups(t: Tensor) -> int:
+    """Groups of a B/C as the kernel reads it (1 for variable and time-invariant)."""
+    return t.shape[1] if t.dim() == 4 else 1
 
 
 def _empty(ref: Tensor) -> Tensor:
@@ -123,7 +126,6 @@ def _launch_fwd(u, delta, A, B, C, D, z, delta_bias, kept, ranks, delta_softplus
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     n_chunks = _cdiv(seqlen, chunk)
-    groups = _groups(B, C)
     Bk, sb, b_var = _bc_strides(B)
     Ck, sc, c_var = _bc_strides(C)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
@@ -135,7 +137,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, delta_bias, kept, ranks, delta_softplus
     _kernels.scan_fwd_kernel[grid](
         u, delta, A, Bk, Ck, D, z, delta_bias, kept, ranks,
         out, y if y.numel() else None, carries if save else None, last,
-        dstate, seqlen, dim, dim // groups, n_chunks,
+        dstate, seqlen, dim, dim // _groups(B), dim // _groups(C), n_chunks,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *zs, A.stride(0), A.stride(1), *sb, *sc,
         SOFTPLUS=delta_softplus, MASK_MODE=mask_mode, B_VAR=b_var, C_VAR=c_var,
         STORE_Y=bool(y.numel()), STORE_CARRIES=save, BLOCK_D=block_d, CHUNK=chunk, num_warps=warps,
@@ -148,11 +150,12 @@ def _launch_bwd(u, delta, A, B, C, D, z, delta_bias, kept, ranks, dout, y, carri
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     n_chunks = carries.shape[2]
-    groups = _groups(B, C)
     Bk, sb, b_var = _bc_strides(B)
     Ck, sc, c_var = _bc_strides(C)
     f32 = {"dtype": torch.float32, "device": u.device}
+    # Cotangents may be broadcast views (the gradient of a .sum() has stride 0); the kernel indexes densely.
     dout = dout.contiguous()
+    dlast = dlast.contiguous() if dlast is not None else None
     du = torch.empty_like(u, memory_format=torch.contiguous_format)
     ddelta = torch.empty_like(delta, memory_format=torch.contiguous_format)
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
@@ -171,7 +174,7 @@ def _launch_bwd(u, delta, A, B, C, D, z, delta_bias, kept, ranks, dout, y, carri
         u, delta, A, Bk, Ck, D, z, delta_bias, kept, ranks,
         dout, y if z is not None else None, carries, dlast,
         du, ddelta, dz, dA, dB, dC, dD, dbias,
-        dstate, seqlen, dim, dim // groups, n_chunks, groups,
+        dstate, seqlen, dim, dim // _groups(B), dim // _groups(C), n_chunks, _groups(B), _groups(C),
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), *zs, A.stride(0), A.stride(1), *sb, *sc,
         SOFTPLUS=delta_softplus, MASK_MODE=mask_mode, B_VAR=b_var, C_VAR=c_var,
         BLOCK_D=block_d, CHUNK=chunk, num_warps=warps,
@@ -279,7 +282,7 @@ def _mask_tables(x: ScanInputs) -> tuple[int, Tensor | None, Tensor | None]:
 def scan(x: ScanInputs) -> tuple[Tensor, Tensor | None]:
     """Backend protocol: the Triton scan on validated inputs -> ``(out, last_state or None)``."""
     mode, kept, ranks = _mask_tables(x)
-    cfg = launch_config(x.dim, x.seqlen, _groups(x.B, x.C))
+    cfg = launch_config(x.dim, x.seqlen, math.gcd(x.dim // _groups(x.B), x.dim // _groups(x.C)))
     save = torch.is_grad_enabled() and any(t.requires_grad for t in x.tensors())
     out, last = _TritonScan.apply(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, kept, ranks,
                                   x.delta_softplus, mode, save, cfg)

@@ -35,7 +35,7 @@ INTERPRETED = env.triton_interpret()
 
 _LOG2E = 1.4426950408889634
 
-_SIZES = ["N", "L", "dim", "group_size", "n_chunks"]
+_SIZES = ["N", "L", "dim", "group_size_b", "group_size_c", "n_chunks", "groups_b", "groups_c"]
 
 
 def _flags(extra: dict) -> dict:
@@ -135,7 +135,7 @@ def _load_bc(ptr, s0, s1, s_n, b, g, offs_d, d_ok, n, t, t_ok, live, VAR: tl.con
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, kept_ptr, rank_ptr,
     out_ptr, y_ptr, carry_ptr, last_ptr,
-    N, L, dim, group_size, n_chunks,
+    N, L, dim, group_size_b, group_size_c, n_chunks,
     s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_A_d, s_A_n,
     s_B_0, s_B_1, s_B_n, s_C_0, s_C_1, s_C_n,
     SOFTPLUS: tl.constexpr, MASK_MODE: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
@@ -147,7 +147,9 @@ def scan_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < dim
-    g = (pid_d * BLOCK_D) // group_size  # a tile never straddles two groups (the launcher ensures it)
+    # A tile never straddles two groups of B or C (the launcher ensures it).
+    g_b = (pid_d * BLOCK_D) // group_size_b
+    g_c = (pid_d * BLOCK_D) // group_size_c
     offs_t = tl.arange(0, CHUNK)
     slots = tl.arange(0, BLOCK_N)
     row = b * dim + offs_d  # (BLOCK_D,) index of (b, d) in (Bt, D, ...) outputs
@@ -176,8 +178,8 @@ def scan_fwd_kernel(
         for j in range(0, bound):
             n, live = _slot_state(kept_ptr, rank_d, offs_d, d_ok, j, N, MASK_MODE)
             a = tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=d_ok, other=0.0) * _LOG2E
-            bv = _load_bc(B_ptr, s_B_0, s_B_1, s_B_n, b, g, offs_d, d_ok, n, t, t_ok, live, B_VAR, MASK_MODE)
-            cv = _load_bc(C_ptr, s_C_0, s_C_1, s_C_n, b, g, offs_d, d_ok, n, t, t_ok, live, C_VAR, MASK_MODE)
+            bv = _load_bc(B_ptr, s_B_0, s_B_1, s_B_n, b, g_b, offs_d, d_ok, n, t, t_ok, live, B_VAR, MASK_MODE)
+            cv = _load_bc(C_ptr, s_C_0, s_C_1, s_C_n, b, g_c, offs_d, d_ok, n, t, t_ok, live, C_VAR, MASK_MODE)
             decay = tl.exp2(dt * a[:, None])
             drive = dtu * bv
             pa, pb = tl.associative_scan((decay, drive), axis=1, combine_fn=_combine)
@@ -208,7 +210,7 @@ def scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, kept_ptr, rank_ptr,
     dout_ptr, y_ptr, carry_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    N, L, dim, group_size, n_chunks, groups,
+    N, L, dim, group_size_b, group_size_c, n_chunks, groups_b, groups_c,
     s_u_b, s_u_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_A_d, s_A_n,
     s_B_0, s_B_1, s_B_n, s_C_0, s_C_1, s_C_n,
     SOFTPLUS: tl.constexpr, MASK_MODE: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
@@ -222,7 +224,8 @@ def scan_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < dim
-    g = (pid_d * BLOCK_D) // group_size
+    g_b = (pid_d * BLOCK_D) // group_size_b
+    g_c = (pid_d * BLOCK_D) // group_size_c
     offs_t = tl.arange(0, CHUNK)
     slots = tl.arange(0, BLOCK_N)
     row = b * dim + offs_d
@@ -286,8 +289,8 @@ def scan_bwd_kernel(
             n, live = _slot_state(kept_ptr, rank_d, offs_d, d_ok, j, N, MASK_MODE)
             a_nat = tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=d_ok, other=0.0)
             a = a_nat * _LOG2E
-            bv = _load_bc(B_ptr, s_B_0, s_B_1, s_B_n, b, g, offs_d, d_ok, n, t, t_ok, live, B_VAR, MASK_MODE)
-            cv = _load_bc(C_ptr, s_C_0, s_C_1, s_C_n, b, g, offs_d, d_ok, n, t, t_ok, live, C_VAR, MASK_MODE)
+            bv = _load_bc(B_ptr, s_B_0, s_B_1, s_B_n, b, g_b, offs_d, d_ok, n, t, t_ok, live, B_VAR, MASK_MODE)
+            cv = _load_bc(C_ptr, s_C_0, s_C_1, s_C_n, b, g_c, offs_d, d_ok, n, t, t_ok, live, C_VAR, MASK_MODE)
             # Recompute the chunk's states from the carry saved at the end of the previous chunk.
             h0 = tl.load(carry_ptr + (row * n_chunks + c - 1) * N + j, mask=d_ok & (c > 0), other=0.0)
             drive = dtu * bv
@@ -305,7 +308,8 @@ def scan_bwd_kernel(
             du += dhs * dt * bv
             ddt += dhs * (u * bv + prev * a_nat[:, None])
             dA_acc = tl.where(slots[None, :] == j, dA_acc + tl.sum(dhs * prev * dt, axis=1)[:, None], dA_acc)
-            row_b = (b * groups + g) * N
+            row_b = (b * groups_b + g_b) * N
+            row_c = (b * groups_c + g_c) * N
             if B_VAR:
                 if MASK_MODE == 2:
                     tl.atomic_add(dB_ptr + (row_b + n[:, None]) * L + t[None, :], dbu, mask=live[:, None] & t_ok[None, :])
@@ -315,9 +319,9 @@ def scan_bwd_kernel(
                 dB_acc = tl.where(slots[None, :] == j, dB_acc + tl.sum(dbu, axis=1)[:, None], dB_acc)
             if C_VAR:
                 if MASK_MODE == 2:
-                    tl.atomic_add(dC_ptr + (row_b + n[:, None]) * L + t[None, :], dcy, mask=live[:, None] & t_ok[None, :])
+                    tl.atomic_add(dC_ptr + (row_c + n[:, None]) * L + t[None, :], dcy, mask=live[:, None] & t_ok[None, :])
                 else:
-                    tl.atomic_add(dC_ptr + (row_b + n) * L + t, tl.sum(dcy, axis=0), mask=t_ok)
+                    tl.atomic_add(dC_ptr + (row_c + n) * L + t, tl.sum(dcy, axis=0), mask=t_ok)
             else:
                 dC_acc = tl.where(slots[None, :] == j, dC_acc + tl.sum(dcy, axis=1)[:, None], dC_acc)
 
