@@ -37,9 +37,13 @@ NO_MASK, SHARED_MASK, PER_CHANNEL_MASK = 0, 1, 2
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes: ``block_d`` channels per program, ``chunk`` steps per scan (both powers of two)."""
+    """Tile sizes: ``block_d`` channels per program, ``chunk`` steps per scan (both powers of two).
 
-    block_d: int = 4
+    The default keeps 4 elements of each (block_d, chunk) tile per thread: compiled for sm_90 (ptxas)
+    it needs 91 registers forward and 140 backward with no spills at N=16, where block_d=4 spilled
+    in the backward. Not yet tuned on a GPU: ``bench/bench_scan.py --triton-config`` sweeps it."""
+
+    block_d: int = 2
     chunk: int = 256
     fwd_warps: int = 4
     bwd_warps: int = 4

@@ -33,7 +33,7 @@ from ... import env
 # Whether these kernels were built for Triton's interpreter (CPU tensors); fixed when triton is imported.
 INTERPRETED = env.triton_interpret()
 
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 _SIZES = ["N", "L", "dim", "group_size_b", "group_size_c", "n_chunks", "groups_b", "groups_c"]
 
@@ -310,16 +310,17 @@ def scan_bwd_kernel(
             dA_acc = tl.where(slots[None, :] == j, dA_acc + tl.sum(dhs * prev * dt, axis=1)[:, None], dA_acc)
             row_b = (b * groups_b + g_b) * N
             row_c = (b * groups_c + g_c) * N
+            live_t = live[:, None] & t_ok[None, :]
             if B_VAR:
                 if MASK_MODE == 2:
-                    tl.atomic_add(dB_ptr + (row_b + n[:, None]) * L + t[None, :], dbu, mask=live[:, None] & t_ok[None, :])
+                    tl.atomic_add(dB_ptr + (row_b + n[:, None]) * L + t[None, :], dbu, mask=live_t)
                 else:
                     tl.atomic_add(dB_ptr + (row_b + n) * L + t, tl.sum(dbu, axis=0), mask=t_ok)
             else:
                 dB_acc = tl.where(slots[None, :] == j, dB_acc + tl.sum(dbu, axis=1)[:, None], dB_acc)
             if C_VAR:
                 if MASK_MODE == 2:
-                    tl.atomic_add(dC_ptr + (row_c + n[:, None]) * L + t[None, :], dcy, mask=live[:, None] & t_ok[None, :])
+                    tl.atomic_add(dC_ptr + (row_c + n[:, None]) * L + t[None, :], dcy, mask=live_t)
                 else:
                     tl.atomic_add(dC_ptr + (row_c + n) * L + t, tl.sum(dcy, axis=0), mask=t_ok)
             else:
