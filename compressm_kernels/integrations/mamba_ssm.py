@@ -139,7 +139,8 @@ def bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | N
 # ---- causal_conv1d_cuda ------------------------------------------------------------------------------
 def _no(name: str, value: object, fn: str) -> None:
     if value is not None:
-        raise NotImplementedError(f"causal_conv1d_cuda.{fn} (compressm_kernels, PyTorch on CPU): {name} is not supported")
+        raise NotImplementedError(f"causal_conv1d_cuda.{fn} (compressm_kernels, PyTorch on CPU): {name} is not "
+                                  "supported")
 
 
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
@@ -183,7 +184,8 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tens
 
 
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor,
-                         silu_activation: bool, cache_seqlens: Tensor | None, conv_state_indices: Tensor | None) -> None:
+                         silu_activation: bool, cache_seqlens: Tensor | None,
+                         conv_state_indices: Tensor | None) -> None:
     """causal-conv1d's ``causal_conv1d_update``: ``x`` ``(Bt, D, T)``; shifts ``conv_state``, writes ``out``."""
     _no("cache_seqlens", cache_seqlens, "causal_conv1d_update")
     _no("conv_state_indices", conv_state_indices, "causal_conv1d_update")

@@ -78,7 +78,7 @@ class Mamba(nn.Module):
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
 
-        # dt_proj: weight keeps the variance of dt at init; bias = softplus⁻¹(dt), dt log-uniform in [dt_min, dt_max].
+        # dt_proj: weight keeps dt's variance at init; bias = softplus⁻¹(dt), dt log-uniform in [dt_min, dt_max].
         std = self.dt_rank**-0.5 * dt_scale
         if dt_init == "constant":
             nn.init.constant_(self.dt_proj.weight, std)
@@ -174,7 +174,8 @@ class Mamba(nn.Module):
             raise ValueError("keep indices must be unique")
         rank = self.dt_rank
         if tuple(self.x_proj.weight.shape[:1]) != (rank + 2 * n,):
-            raise RuntimeError(f"x_proj has {self.x_proj.weight.shape[0]} rows, expected dt_rank + 2·N = {rank + 2 * n}")
+            raise RuntimeError(f"x_proj has {self.x_proj.weight.shape[0]} rows, expected dt_rank + 2·N = "
+                               f"{rank + 2 * n}")
         mask = None if self.state_mask is None else self.state_mask.index_select(-1, keep)
         if mask is not None and not bool(mask.any()):
             raise ValueError("keep selects only masked-out states; the state mask would keep none")
@@ -213,7 +214,8 @@ class Mamba(nn.Module):
         """``hidden_states`` ``(Bt, L, d_model)`` → ``(Bt, L, d_model)``. With mamba_ssm's ``InferenceParams``
         the prompt fills this layer's cache and later calls (``seqlen_offset > 0``) decode one token."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f"hidden_states must have shape (Bt, L, d_model={self.d_model}), got {_shape(hidden_states)}")
+            raise ValueError(f"hidden_states must have shape (Bt, L, d_model={self.d_model}), "
+                             f"got {_shape(hidden_states)}")
         batch, seqlen, _ = hidden_states.shape
         conv_state = ssm_state = None
         if inference_params is not None:
