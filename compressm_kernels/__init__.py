@@ -9,13 +9,17 @@ from .ops.selective_scan import (
     selective_scan_fn,
     selective_scan_ref,
 )
+from .modules import Mamba
+from .ops.mamba_inner import mamba_inner_fn
 from .ops.state_update import selective_state_update, selective_state_update_ref
 
 __all__ = [
     "BACKENDS",
+    "Mamba",
     "__version__",
     "backend_status",
     "compact_scan_args",
+    "mamba_inner_fn",
     "mask_to_ranks",
     "selective_scan_fn",
     "selective_scan_ref",
