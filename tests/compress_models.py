@@ -77,3 +77,23 @@ def assert_same_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.
     for key in before:
         assert before[key].shape == after[key].shape, f"{key}: {before[key].shape} -> {after[key].shape}"
         assert torch.equal(before[key], after[key]), f"{key} changed"
+
+
+class TinyLM(nn.Module):
+    """Embedding → residual compressm Mamba layers → LayerNorm → head: the smallest real LM on our layer."""
+
+    def __init__(self, d_model: int = 16, d_state: int = 8, layers: int = 2, seed: int = 0) -> None:
+        from compressm_kernels.modules import Mamba
+
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, d_model)
+        self.layers = nn.ModuleList(Mamba(d_model, d_state=d_state, layer_idx=i) for i in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(self.norm(h))

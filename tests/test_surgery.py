@@ -11,7 +11,7 @@ import compressm_kernels.surgery as surgery
 from compressm_kernels.calibration import find_mixers
 from compressm_kernels.plan import rank_from_tau
 from compressm_kernels.surgery import apply_plan, compress_model, plan_compression, resize_for_state_dict
-from tests.compress_models import (
+from compress_models import (
     assert_same_tensors,
     hf_mamba,
     lm_loss,
