@@ -46,6 +46,9 @@ class CompreSSM:
         max_fraction: with stability required, keep attempting at the same spacing until this fraction.
         validate: optional ``() -> float`` (higher is better) run before and after each cut.
         margin: undo the cut (and stop cutting) if the metric drops by more than this.
+        before_change: called right before shapes change. Under DDP, drop the wrapper here (the wrapper holds
+            extra references to the parameters, which stops surgery from re-seating them) and pass the bare
+            module as ``model``.
         on_change: called with the report after every change of shapes (cut or undo), e.g. to re-wrap DDP.
     """
 
@@ -56,6 +59,7 @@ class CompreSSM:
                  calib: Iterable[Any] | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
                  min_overlap: float | None = None, min_spearman: float | None = None, max_fraction: float = 0.5,
                  validate: Callable[[], float] | None = None, margin: float = 0.0,
+                 before_change: Callable[[], None] | None = None,
                  on_change: Callable[[CompressionReport], None] | None = None) -> None:
         if tau is None and rank is None and fraction is None:
             tau = 0.05
@@ -76,6 +80,7 @@ class CompreSSM:
         self.calib_steps, self.calib, self.forward = calib_steps, calib, forward
         self.min_overlap, self.min_spearman, self.max_fraction = min_overlap, min_spearman, max_fraction
         self.validate, self.margin, self.on_change = validate, margin, on_change
+        self.before_change = before_change
         self.step_count = 0
         self.stopped = False
         self.log: list[dict[str, Any]] = []
@@ -181,11 +186,15 @@ class CompreSSM:
                     self._record("wait", reason="ranking not stable yet", **info)
                 return None
         before = self.validate() if self.validate is not None else None
+        if self.before_change is not None:
+            self.before_change()
         report = apply_plan(self.model, plan, self.optimizer)
         for lp in plan.changes:
             self._ids[lp.name] = [self._ids[lp.name][i] for i in lp.keep.tolist()]
         after = self.validate() if self.validate is not None else None
         if before is not None and before - after > self.margin:
+            if self.before_change is not None:
+                self.before_change()
             report.undo()
             for lp in plan.changes:  # back to the ids before this cut
                 self._ids[lp.name] = list(self._previous[lp.name])

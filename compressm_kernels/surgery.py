@@ -97,16 +97,15 @@ class _Snapshot:
         self.extra = [(obj, dict(obj.__dict__)) for obj in extra]
         self.optimizer = optimizer
         self.opt_state = None if optimizer is None else {p: optimizer.state[p] for p in list(optimizer.state)}
-        self.swaps: list[tuple[nn.Parameter, nn.Parameter]] = []  # (parameter, its parked old tensor)
 
     def restore(self) -> None:
-        for p, parked in reversed(self.swaps):
-            torch.utils.swap_tensors(p, parked)
-        self.swaps.clear()
         for m, attrs, params, buffers, tensors in self.modules:
             for p, data, grad in tensors.values():
-                p.data = data
-                p.grad = grad
+                if p.shape != data.shape:  # re-seat on a fresh tensor (see _rebind); never swap the old one back,
+                    _rebind(p, data, grad)  # swap_tensors has poisoned its cached gradient accumulator
+                else:
+                    p.data = data
+                    p.grad = grad
             m.__dict__.clear()
             m.__dict__.update(attrs)
             m._parameters.clear()
@@ -121,13 +120,12 @@ class _Snapshot:
             self.optimizer.state.update(self.opt_state)
 
 
-def _rebind(p: nn.Parameter, data: Tensor, grad: Tensor | None, swaps: list) -> None:
+def _rebind(p: nn.Parameter, data: Tensor, grad: Tensor | None) -> None:
     """Give parameter ``p`` (the same Python object) new data/grad of a new shape.
 
     ``p.data = ...`` alone is not enough: autograd caches a parameter's gradient accumulator, with the old
     shape, for as long as any earlier graph (e.g. last step's ``loss``) is alive, and the next backward fails.
-    ``torch.utils.swap_tensors`` puts a fresh tensor behind the same object instead; the old one is parked
-    in ``swaps`` so that undoing the swap restores ``p`` exactly.
+    ``torch.utils.swap_tensors`` puts a fresh tensor behind the same object instead.
     """
     fresh = nn.Parameter(data, requires_grad=p.requires_grad)
     fresh.__dict__.update(p.__dict__)  # swap_tensors exchanges __dict__ (e.g. _no_weight_decay flags)
@@ -139,37 +137,35 @@ def _rebind(p: nn.Parameter, data: Tensor, grad: Tensor | None, swaps: list) -> 
                       "earlier losses/outputs before the next backward", stacklevel=3)
         p.data = data
         p.grad = grad
-        return
-    swaps.append((p, fresh))
 
 
-def _refresh(p: nn.Parameter, swaps: list) -> None:
+def _refresh(p: nn.Parameter) -> None:
     """Re-seat ``p`` on a fresh tensor (after code that changed its shape through ``.data``)."""
-    _rebind(p, p.data, p.grad, swaps)
+    _rebind(p, p.data, p.grad)
 
 
-def _slice_param(p: nn.Parameter, dim: int, index: Tensor, swaps: list) -> None:
+def _slice_param(p: nn.Parameter, dim: int, index: Tensor) -> None:
     index = index.to(p.device)
     grad = None if p.grad is None else p.grad.index_select(dim, index).contiguous()
-    _rebind(p, p.data.index_select(dim, index).contiguous(), grad, swaps)
+    _rebind(p, p.data.index_select(dim, index).contiguous(), grad)
 
 
-def _slice_inplace(mixer: nn.Module, keep: Tensor, swaps: list) -> None:
+def _slice_inplace(mixer: nn.Module, keep: Tensor) -> None:
     """Keep states ``keep`` of a mamba_ssm / transformers / look-alike mixer by slicing its own parameters."""
     n = mixer.A_log.shape[1]
     dt_rank = mixer.x_proj.weight.shape[0] - 2 * n
     rows = x_proj_rows(dt_rank, n, keep)
-    _slice_param(mixer.A_log, 1, keep, swaps)
-    _slice_param(mixer.x_proj.weight, 0, rows, swaps)
+    _slice_param(mixer.A_log, 1, keep)
+    _slice_param(mixer.x_proj.weight, 0, rows)
     if mixer.x_proj.bias is not None:
-        _slice_param(mixer.x_proj.bias, 0, rows, swaps)
+        _slice_param(mixer.x_proj.bias, 0, rows)
     mixer.x_proj.out_features = rows.numel()
     for attr in _SIZE_ATTRS:
         if hasattr(mixer, attr):
             setattr(mixer, attr, int(keep.numel()))
 
 
-def _apply_layer(mixer: nn.Module, lp: LayerPlan, swaps: list) -> None:
+def _apply_layer(mixer: nn.Module, lp: LayerPlan) -> None:
     """Change one mixer as ``lp`` says."""
     shrink = lp.keep.numel() < lp.n_before
     if hasattr(mixer, "reduce_state"):  # compressm's layer slices itself (and its mask) consistently
@@ -182,12 +178,12 @@ def _apply_layer(mixer: nn.Module, lp: LayerPlan, swaps: list) -> None:
             mixer.set_state_mask(lp.mask.to(mixer.A_log.device))
         for n, p in mixer.named_parameters():
             if p.shape != shapes[n]:
-                _refresh(p, swaps)
+                _refresh(p)
         return
     if lp.mask is not None:
         raise ValueError(f"{lp.name}: per-channel masks need compressm_kernels.Mamba")
     if shrink:
-        _slice_inplace(mixer, lp.keep, swaps)
+        _slice_inplace(mixer, lp.keep)
 
 
 def _state_slices(mixer: nn.Module, lp: LayerPlan) -> list[tuple[nn.Parameter, int, Tensor, torch.Size]]:
@@ -277,7 +273,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, optimizer: torch.optim.O
             mixer = mixers[lp.name]
             if lp.keep.numel() < lp.n_before:
                 slices += _state_slices(mixer, lp)
-            _apply_layer(mixer, lp, snapshot.swaps)
+            _apply_layer(mixer, lp)
             if mixer.A_log.shape[1] != lp.keep.numel():
                 raise RuntimeError(f"{lp.name}: N is {mixer.A_log.shape[1]} after surgery, expected {lp.keep.numel()}")
         if optimizer is not None:
@@ -333,7 +329,7 @@ def resize_for_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
         keep = torch.arange(n)
         lp = LayerPlan(name, mixer_kind(mixer), mixer.A_log.shape[1], keep, None, float(n), 1.0, 1.0, True,
                        None)  # type: ignore[arg-type]
-        _apply_layer(mixer, lp, [])
+        _apply_layer(mixer, lp)
         changed[name] = n
     _fix_configs({n: mixers[n] for n in changed})
     mask_key = "state_mask"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -23,15 +24,27 @@ from compress_models import (
 pytest.importorskip("transformers")
 
 
+_CACHE: dict[int, tuple] = {}
+
+
 def _trained(steps: int = 3):
-    model = hf_mamba()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for ids in token_batches(steps):
-        loss = lm_loss(model, ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model, opt
+    """A tiny HF model and its AdamW after ``steps`` steps: trained once per module, fresh copies per test."""
+    if steps not in _CACHE:
+        model = hf_mamba()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for ids in token_batches(steps):
+            loss = lm_loss(model, ids)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        _CACHE[steps] = (model, opt)
+    model, opt = _CACHE[steps]
+    copy_ = copy.deepcopy(model)
+    opt_copy = torch.optim.AdamW(copy_.parameters(), lr=3e-3)
+    opt_copy.load_state_dict(opt.state_dict())
+    for p, q in zip(model.parameters(), copy_.parameters(), strict=True):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return copy_, opt_copy
 
 
 def test_rank_from_tau() -> None:
@@ -127,9 +140,9 @@ def test_failure_mid_surgery_leaves_everything_as_it_was(monkeypatch) -> None:
     calls = []
     real = surgery._apply_layer
 
-    def flaky(mixer, lp, swaps):
+    def flaky(mixer, lp):
         calls.append(lp.name)
-        real(mixer, lp, swaps)
+        real(mixer, lp)
         if len(calls) == 2:  # the second layer is already sliced when this fires
             raise RuntimeError("injected failure")
 
