@@ -85,7 +85,8 @@ class LayerPlan:
 
     def __str__(self) -> str:
         what = "cut" if self.reduce else "keep (gate)"
-        ranks = "" if self.mask is None else f", channel ranks {self.mask.sum(1).min().item()}-{self.mask.sum(1).max().item()}"
+        per = None if self.mask is None else self.mask.sum(1)
+        ranks = "" if per is None else f", channel ranks {per.min().item()}-{per.max().item()}"
         return (f"{self.name} [{self.kind}]: N {self.n_before} -> {self.n_after} ({what}{ranks}), "
                 f"energy kept {self.energy_kept:.4f}, HSV kept {self.hsv_kept:.4f}, "
                 f"kept {self.keep.tolist() if self.reduce else 'all'}")

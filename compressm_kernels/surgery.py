@@ -32,7 +32,7 @@ _SIZE_ATTRS = ("d_state", "ssm_state_size")  # mamba_ssm / compressm, transforme
 
 
 def x_proj_rows(dt_rank: int, dstate: int, keep: Tensor) -> Tensor:
-    """Rows of ``x_proj.weight`` ``(dt_rank + 2N, D)`` that survive keeping states ``keep``: [dt | B[keep] | C[keep]]."""
+    """Rows of ``x_proj.weight`` ``(dt_rank + 2N, D)`` kept with states ``keep``: [dt | B[keep] | C[keep]]."""
     keep = keep.long()
     return torch.cat([torch.arange(dt_rank), dt_rank + keep, dt_rank + dstate + keep])
 
@@ -263,7 +263,8 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, optimizer: torch.optim.O
         if lp.name not in mixers:
             raise ValueError(f"plan names mixer {lp.name!r}, which the model does not have")
         if mixers[lp.name].A_log.shape[1] != lp.n_before:
-            raise ValueError(f"stale plan: {lp.name} has N={mixers[lp.name].A_log.shape[1]}, plan expects {lp.n_before}")
+            n = mixers[lp.name].A_log.shape[1]
+            raise ValueError(f"stale plan: {lp.name} has N={n}, the plan expects {lp.n_before}")
     changes = plan.changes
     configs = [getattr(mixers[lp.name], "config", None) for lp in changes]
     snapshot = _Snapshot([mixers[lp.name] for lp in changes], optimizer, [c for c in configs if c is not None])

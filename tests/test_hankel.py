@@ -11,7 +11,6 @@ from compressm_kernels.hankel import (
     HankelAccumulator,
     hankel_from_arrays,
     hankel_from_moments,
-    hankel_singular_values,
     lti_gramians,
 )
 
