@@ -16,7 +16,6 @@ copies) and restored if any step fails, so model and optimizer are exactly as be
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from .calibration import calibrate, find_mixers, mixer_kind, state_mask_of, unwrap
 from .hankel import HankelAccumulator, Scale
+from .modules.parameters import reseat_parameter
 from .plan import CompressionPlan, LayerPlan, Mode, check_selection, plan_layer
 
 _SIZE_ATTRS = ("d_state", "ssm_state_size")  # mamba_ssm / compressm, transformers
@@ -102,7 +102,7 @@ class _Snapshot:
         for m, attrs, params, buffers, tensors in self.modules:
             for p, data, grad in tensors.values():
                 if p.shape != data.shape:  # re-seat on a fresh tensor (see _rebind); never swap the old one back,
-                    _rebind(p, data, grad)  # swap_tensors has poisoned its cached gradient accumulator
+                    reseat_parameter(p, data, grad)  # swap_tensors has poisoned its cached gradient accumulator
                 else:
                     p.data = data
                     p.grad = grad
@@ -120,34 +120,10 @@ class _Snapshot:
             self.optimizer.state.update(self.opt_state)
 
 
-def _rebind(p: nn.Parameter, data: Tensor, grad: Tensor | None) -> None:
-    """Give parameter ``p`` (the same Python object) new data/grad of a new shape.
-
-    ``p.data = ...`` alone is not enough: autograd caches a parameter's gradient accumulator, with the old
-    shape, for as long as any earlier graph (e.g. last step's ``loss``) is alive, and the next backward fails.
-    ``torch.utils.swap_tensors`` puts a fresh tensor behind the same object instead.
-    """
-    fresh = nn.Parameter(data, requires_grad=p.requires_grad)
-    fresh.__dict__.update(p.__dict__)  # swap_tensors exchanges __dict__ (e.g. _no_weight_decay flags)
-    fresh.grad = grad
-    try:
-        torch.utils.swap_tensors(p, fresh)
-    except RuntimeError as err:  # e.g. a weakref held by torch.compile: fall back to rebinding .data
-        warnings.warn(f"could not swap a parameter's tensor ({err}); rebinding .data instead: drop references to "
-                      "earlier losses/outputs before the next backward", stacklevel=3)
-        p.data = data
-        p.grad = grad
-
-
-def _refresh(p: nn.Parameter) -> None:
-    """Re-seat ``p`` on a fresh tensor (after code that changed its shape through ``.data``)."""
-    _rebind(p, p.data, p.grad)
-
-
 def _slice_param(p: nn.Parameter, dim: int, index: Tensor) -> None:
     index = index.to(p.device)
     grad = None if p.grad is None else p.grad.index_select(dim, index).contiguous()
-    _rebind(p, p.data.index_select(dim, index).contiguous(), grad)
+    reseat_parameter(p, p.data.index_select(dim, index).contiguous(), grad)
 
 
 def _slice_inplace(mixer: nn.Module, keep: Tensor) -> None:
@@ -169,16 +145,12 @@ def _apply_layer(mixer: nn.Module, lp: LayerPlan) -> None:
     """Change one mixer as ``lp`` says."""
     shrink = lp.keep.numel() < lp.n_before
     if hasattr(mixer, "reduce_state"):  # compressm's layer slices itself (and its mask) consistently
-        shapes = {n: p.shape for n, p in mixer.named_parameters()}
         if lp.mask is not None:
             mixer.set_state_mask(None)
         if shrink:
             mixer.reduce_state(lp.keep)
         if lp.mask is not None:
             mixer.set_state_mask(lp.mask.to(mixer.A_log.device))
-        for n, p in mixer.named_parameters():
-            if p.shape != shapes[n]:
-                _refresh(p)
         return
     if lp.mask is not None:
         raise ValueError(f"{lp.name}: per-channel masks need compressm_kernels.Mamba")

@@ -245,3 +245,23 @@ def test_causal_conv_matches_conv1d_and_its_decode_steps() -> None:
     state = torch.zeros(2, 6, 4)
     steps = [causal_conv1d_update_torch(x[..., t], state, conv.weight.squeeze(1), conv.bias) for t in range(9)]
     assert_close(torch.stack(steps, -1), want, F32, "conv decode")
+
+
+def test_reduce_state_alone_keeps_training_with_last_loss_alive() -> None:
+    """A plain loop keeps last step's loss (and its graph) alive across reduce_state; the next backward
+    must still work and the optimizer must keep stepping the same parameter objects."""
+    torch.manual_seed(0)
+    layer = Mamba(16, d_state=8, layer_idx=0)
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    x = torch.randn(2, 12, 16)
+    loss = layer(x).square().mean()
+    loss.backward()
+    opt.step()
+    params_before = [id(p) for p in layer.parameters()]
+    layer.reduce_state(torch.tensor([0, 3, 5]))
+    opt.zero_grad()
+    loss = layer(x).square().mean()
+    loss.backward()
+    opt.step()
+    assert [id(p) for p in layer.parameters()] == params_before
+    assert layer.A_log.grad.shape == (layer.A_log.shape[0], 3)

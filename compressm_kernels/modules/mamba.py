@@ -21,6 +21,7 @@ from ..ops.conv1d import causal_conv1d, causal_conv1d_update
 from ..ops.mamba_inner import mamba_inner_fn
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.state_update import selective_state_update
+from .parameters import reseat_parameter
 
 
 def _shape(t: Tensor) -> str:
@@ -156,8 +157,9 @@ class Mamba(nn.Module):
         """Keep only the states ``keep`` (int indices into the current N, unique, in the order given).
 
         Slices ``A_log`` columns and ``x_proj`` rows ``[dt | B[keep] | C[keep]]`` in place on the same
-        Parameter objects (their ``.data``, and ``.grad`` when present, so optimizers keep their references;
-        slicing optimizer state is the caller's job), the state mask's columns, and this layer's live decode
+        Parameter objects (re-seated on fresh tensors with their ``.grad``, so optimizers keep their references
+        and a graph still alive from the last step does not break the next backward; slicing optimizer
+        state is the caller's job), the state mask's columns, and this layer's live decode
         caches. Atomic: everything is validated before anything changes.
         """
         n = self.d_state
@@ -182,9 +184,8 @@ class Mamba(nn.Module):
         rows = torch.cat([torch.arange(rank, device=keep.device), rank + keep, rank + n + keep])
 
         def take(p: nn.Parameter, dim: int, index: Tensor) -> None:
-            p.data = p.data.index_select(dim, index).contiguous()
-            if p.grad is not None:
-                p.grad = p.grad.index_select(dim, index).contiguous()
+            grad = None if p.grad is None else p.grad.index_select(dim, index).contiguous()
+            reseat_parameter(p, p.data.index_select(dim, index).contiguous(), grad)
 
         take(self.A_log, 1, keep)
         take(self.x_proj.weight, 0, rows)
