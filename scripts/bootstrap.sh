@@ -12,8 +12,8 @@ have() { "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version(
 have_any() { "$PY" -c "import importlib.metadata as m; m.version('$1')" 2>/dev/null; }
 
 have torch 2.14.1 || "$PY" -m pip install -q torch==2.14.1
-for pkg in numpy pytest ninja pybind11 einops packaging wheel setuptools scipy build; do
-  have_any "$pkg" || "$PY" -m pip install -q "$pkg"
+for pkg in numpy pytest ninja pybind11 einops packaging wheel setuptools scipy build scikit-learn matplotlib; do
+  have_any "${pkg}" || "$PY" -m pip install -q "$pkg"
 done
 # Test oracles: pure-Python builds of mamba-ssm and causal-conv1d. FORCE_BUILD stops their setup.py
 # from trying to download a prebuilt wheel (no network); --no-cache-dir keeps a cached wheel from

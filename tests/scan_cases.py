@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 from dataclasses import dataclass
 
 import torch
@@ -129,11 +126,12 @@ def run_with_grads(fn, inputs: dict, seed: int = 1, cotangents: tuple[Tensor, ..
 
 
 def mamba_selective_scan_ref():
-    """mamba_ssm's ``selective_scan_ref``, the oracle. ``import mamba_ssm`` needs a top-level
-    ``selective_scan_cuda`` module; without one, an empty placeholder module lets the import
-    succeed (mamba_ssm's reference path never calls into it)."""
-    if "selective_scan_cuda" not in sys.modules and importlib.util.find_spec("selective_scan_cuda") is None:
-        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    """mamba_ssm's ``selective_scan_ref``, the oracle. ``import mamba_ssm`` needs a ``selective_scan_cuda``
+    module; ``install()`` provides one backed by our kernels where no real one exists (the oracle itself is
+    mamba_ssm's pure-PyTorch reference and never calls into it)."""
+    from compressm_kernels.integrations.mamba_ssm import install
+
+    install()
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
     return selective_scan_ref

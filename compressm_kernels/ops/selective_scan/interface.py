@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import sys
 from types import ModuleType
 
 import torch
@@ -31,6 +32,10 @@ _logged_choices: set[tuple[str, str]] = set()
 
 def _load(name: str) -> ModuleType | str:
     """The backend's module, or why it cannot be imported."""
+    # An imported backend is looked up without importlib, which torch.compile cannot trace.
+    loaded = sys.modules.get(_MODULES[name])
+    if loaded is not None:
+        return loaded
     try:
         return importlib.import_module(_MODULES[name])
     except ModuleNotFoundError as err:

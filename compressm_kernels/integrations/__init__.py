@@ -1,0 +1,1 @@
+"""Bridges to other Mamba libraries (import the submodule you need)."""

@@ -1,0 +1,3 @@
+from .mamba import Mamba
+
+__all__ = ["Mamba"]

@@ -1,0 +1,151 @@
+"""Mamba's fused inner path, ``mamba_inner_fn`` with mamba_ssm's signature, correct for compacted states.
+
+conv1d → x_proj → dt_proj → selective scan → gate → out_proj, composed of differentiable ops (the scan
+is :func:`compressm_kernels.selective_scan_fn`, so it honours ``state_mask`` and picks the fastest backend).
+Unlike mamba_ssm's version it takes N from ``A`` and checks that ``x_proj_weight`` has exactly the rows
+``[dt | B | C]`` for that N, so a compacted layer can never read C from the wrong columns, and every
+gradient row is written by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .conv1d import causal_conv1d
+from .selective_scan import selective_scan_fn
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, dim: int) -> Tensor:
+    """RMSNorm of ``x`` along ``dim`` in fp32 (as mamba_ssm's B/C/dt norms), returned in x's dtype."""
+    xf = x.float()
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    out = xf * torch.rsqrt(xf.square().mean(dim=dim, keepdim=True) + eps) * weight.float().view(shape)
+    return out.to(x.dtype)
+
+
+def _check(xz: Tensor, conv1d_weight: Tensor, x_proj_weight: Tensor, delta_proj_weight: Tensor,
+           out_proj_weight: Tensor, A: Tensor, B: Tensor | None, C: Tensor | None, checkpoint_lvl: int) -> None:
+    if xz.dim() != 3 or xz.shape[1] % 2:
+        raise ValueError(f"xz must have shape (Bt, 2·D, L), got {_shape(xz)}")
+    dim = xz.shape[1] // 2
+    if A.is_complex():
+        raise TypeError("A must be real; complex A is not supported by compressm_kernels")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must have shape (D, N) with D={dim}, got {_shape(A)}")
+    if conv1d_weight.shape[0] != dim or conv1d_weight.dim() not in (2, 3) or conv1d_weight.numel() % dim:
+        raise ValueError(f"conv1d_weight must have shape (D, 1, W) or (D, W) with D={dim}, got {_shape(conv1d_weight)}")
+    if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] != dim:
+        raise ValueError(f"delta_proj_weight must have shape (D, R) with D={dim}, got {_shape(delta_proj_weight)}")
+    rank, dstate = delta_proj_weight.shape[1], A.shape[1]
+    rows = rank + dstate * ((B is None) + (C is None))
+    if x_proj_weight.dim() != 2 or tuple(x_proj_weight.shape) != (rows, dim):
+        raise ValueError(
+            f"x_proj_weight must have shape (R + N·(variable B) + N·(variable C), D) = ({rows}, {dim}) for dt rank "
+            f"R={rank} and N={dstate} states (from A), got {_shape(x_proj_weight)}; after compacting A, slice "
+            "x_proj's rows to [dt | B[keep] | C[keep]] too"
+        )
+    if out_proj_weight.dim() != 2 or out_proj_weight.shape[1] != dim:
+        raise ValueError(f"out_proj_weight must have shape (d_model, D) with D={dim}, got {_shape(out_proj_weight)}")
+    if checkpoint_lvl not in (0, 1):
+        raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+
+
+def _gated_scan(
+    xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, x_proj_weight: Tensor, delta_proj_weight: Tensor,
+    A: Tensor, B: Tensor | None, C: Tensor | None, D: Tensor | None, delta_bias: Tensor | None,
+    B_proj_bias: Tensor | None, C_proj_bias: Tensor | None, delta_softplus: bool, b_rms_weight: Tensor | None,
+    c_rms_weight: Tensor | None, dt_rms_weight: Tensor | None, eps: float, state_mask: Tensor | None,
+    backend: str,
+) -> Tensor:
+    """xz ``(Bt, 2D, L)`` → gated scan output ``y · silu(z)`` ``(Bt, D, L)``."""
+    x, z = xz.chunk(2, dim=1)
+    weight = conv1d_weight.reshape(conv1d_weight.shape[0], -1)
+    u = causal_conv1d(x, weight, conv1d_bias, activation="silu")  # (Bt, D, L)
+    rank, dstate = delta_proj_weight.shape[1], A.shape[1]
+    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (Bt, L, rows): [dt | B | C]
+    delta = F.linear(x_dbl[..., :rank], delta_proj_weight)  # (Bt, L, D)
+    if dt_rms_weight is not None:
+        delta = _rms_norm(delta, dt_rms_weight, eps, dim=-1)
+    delta = delta.transpose(1, 2)
+    col = rank
+    if B is None:  # variable B: the next N columns
+        B = x_dbl[..., col:col + dstate]
+        col += dstate
+        if B_proj_bias is not None:
+            B = B + B_proj_bias.to(B.dtype)
+        if b_rms_weight is not None:
+            B = _rms_norm(B, b_rms_weight, eps, dim=-1)
+        B = B.transpose(1, 2)  # (Bt, N, L)
+    if C is None:  # variable C: the N columns after B (never counted from the end)
+        C = x_dbl[..., col:col + dstate]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias.to(C.dtype)
+        if c_rms_weight is not None:
+            C = _rms_norm(C, c_rms_weight, eps, dim=-1)
+        C = C.transpose(1, 2)
+    return selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                             state_mask=state_mask, backend=backend)
+
+
+def mamba_inner_fn(
+    xz: Tensor,
+    conv1d_weight: Tensor,
+    conv1d_bias: Tensor | None,
+    x_proj_weight: Tensor,
+    delta_proj_weight: Tensor,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    A: Tensor,
+    B: Tensor | None = None,
+    C: Tensor | None = None,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    B_proj_bias: Tensor | None = None,
+    C_proj_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    checkpoint_lvl: int = 1,
+    b_rms_weight: Tensor | None = None,
+    c_rms_weight: Tensor | None = None,
+    dt_rms_weight: Tensor | None = None,
+    b_c_dt_rms_eps: float = 1e-6,
+    *,
+    state_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Mamba's inner path (mamba_ssm's ``mamba_inner_fn`` signature, plus ``state_mask`` and ``backend``).
+
+    Args:
+        xz: ``(Bt, 2·D, L)`` in_proj output, x then z.
+        conv1d_weight: ``(D, 1, W)`` or ``(D, W)``; conv1d_bias: optional ``(D,)``.
+        x_proj_weight: ``(R + 2·N, D)``, rows ``[dt | B | C]`` (only the variable parts when B or C is given).
+        delta_proj_weight: ``(D, R)``; out_proj_weight: ``(d_model, D)``; out_proj_bias: optional ``(d_model,)``.
+        A: ``(D, N)`` fp32 (``-exp(A_log)``); N is taken from here.
+        B, C: ``None`` (variable, from x_proj) or time-invariant ``(D, N)`` fp32.
+        D, delta_bias: optional ``(D,)`` fp32. B_proj_bias, C_proj_bias: optional ``(N,)``.
+        checkpoint_lvl: 1 recomputes conv, x_proj, delta and the scan in backward instead of keeping their
+            ``(Bt, D, L)`` activations (mamba_ssm drops conv1d_out and delta); 0 keeps them.
+        b_rms_weight, c_rms_weight, dt_rms_weight: optional RMSNorm weights applied to B, C (``(N,)``) and
+            delta (``(D,)``), with epsilon ``b_c_dt_rms_eps``.
+        state_mask: optional bool ``(N,)`` or ``(D, N)``; masked states contribute nothing.
+        backend: the selective-scan backend (see :func:`compressm_kernels.selective_scan_fn`).
+    Returns:
+        ``(Bt, L, d_model)``.
+    """
+    _check(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C, checkpoint_lvl)
+    args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias,
+            C_proj_bias, delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps, state_mask, backend)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)
+    if checkpoint_lvl == 1 and needs_grad:
+        # Keep only xz and the weights; backward recomputes the (Bt, D, L) activations of this segment.
+        y = checkpoint(_gated_scan, *args, use_reentrant=False)
+    else:
+        y = _gated_scan(*args)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Build the sdist and the wheel from this tree, check what each holds, install the wheel (not editable)
+# into a separate fresh virtualenv and smoke-test it there from outside the source tree.
+# Needs scripts/bootstrap.sh first (reuses its torch install from the local disk and its build objects).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${COMPRESSM_VENV:-.venv}/bin/python
+WHEEL_VENV=${COMPRESSM_WHEEL_VENV:-.venv-wheel}
+rm -rf dist
+
+"$PY" -m build --sdist --no-isolation --outdir dist . >/dev/null
+sdist=$(ls dist/*.tar.gz)
+listing=$(tar tzf "$sdist")
+for must in setup.py pyproject.toml README.md LICENSE CHANGELOG.md csrc/include; do
+  grep -q "/$must" <<<"$listing" || { echo "sdist lacks $must" >&2; exit 1; }
+done
+if grep -E '\.so$|\.o$|/\.venv|/build/|__pycache__|/tests/|_build_info\.py' <<<"$listing"; then
+  echo "sdist holds build outputs, venvs, caches or tests (above)" >&2; exit 1
+fi
+echo "sdist ok: $sdist ($(wc -l <<<"$listing") entries)"
+
+# Same build folder as the editable install, so ninja reuses its objects.
+"$PY" -m pip wheel -q --no-build-isolation --no-deps -w dist .
+wheel=$(ls dist/*.whl)
+contents=$("$PY" -m zipfile -l "$wheel")
+for must in compressm_kernels/_C compressm_kernels/_build_info.py; do
+  grep -q "$must" <<<"$contents" || { echo "wheel lacks $must" >&2; exit 1; }
+done
+echo "wheel ok: $wheel"
+
+[ -x "$WHEEL_VENV/bin/python" ] || python3 -m venv "$WHEEL_VENV"
+"$WHEEL_VENV/bin/python" -c "import torch" 2>/dev/null || "$WHEEL_VENV/bin/python" -m pip install -q torch==2.14.1 numpy
+"$WHEEL_VENV/bin/python" -m pip install -q --no-deps --force-reinstall "$wheel"
+smoke=$(cd / && "$WHEEL_VENV/bin/python" - <<'PY'
+import torch
+import compressm_kernels as ck
+status = ck.backend_status("cpu")
+print("backends on cpu:", status)
+assert status["cpu"] is None, f"the wheel's CPU kernel does not load: {status['cpu']}"
+torch.manual_seed(0)
+u, delta, z = (torch.randn(2, 8, 100) for _ in range(3))
+A = -torch.rand(8, 12) - 0.5
+B, C = torch.randn(2, 12, 100), torch.randn(2, 12, 100)
+mask = torch.rand(12) > 0.5
+mask[0] = True
+out, last = ck.selective_scan_fn(u, delta, A, B, C, z=z, delta_softplus=True, return_last_state=True,
+                                 state_mask=mask, backend="cpu")
+ref, ref_last = ck.selective_scan_ref(u, delta, A, B, C, z=z, delta_softplus=True, return_last_state=True,
+                                      state_mask=mask)
+torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+print("installed from", ck.__file__, "version", ck.__version__)
+PY
+)
+echo "$smoke"
+grep -q "installed from $(cd / && "$WHEEL_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')" <<<"$smoke" \
+  || { echo "smoke test imported the package from the source tree, not the wheel" >&2; exit 1; }
+version=$("$WHEEL_VENV/bin/compressm" --version)
+[ "$version" = "compressm_kernels $("$WHEEL_VENV/bin/python" -c 'import compressm_kernels as c; print(c.__version__)')" ] \
+  || { echo "compressm --version ($version) disagrees with __version__" >&2; exit 1; }
+echo "wheel smoke test ok ($version)"

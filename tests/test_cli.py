@@ -1,0 +1,21 @@
+"""The ``compressm`` command line."""
+
+from __future__ import annotations
+
+import pytest
+
+import compressm_kernels
+from compressm_kernels.cli import main
+
+
+def test_version_matches_package(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"compressm_kernels {compressm_kernels.__version__}"
+
+
+def test_backends_lists_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["backends"])
+    out = capsys.readouterr().out
+    assert "reference  available" in out and "cuda" in out
