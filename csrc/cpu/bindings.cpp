@@ -42,7 +42,7 @@ void check_cpu(const Tensor& t, const char* name) {
 Tensor param(const Tensor& t, const char* name, at::IntArrayRef shape) {
   check_cpu(t, name);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", shape_of(t));
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", shape_of(t));
   return t.contiguous();
 }
 
@@ -55,9 +55,9 @@ const float* opt_param(const OptTensor& t, const char* name, at::IntArrayRef sha
 // (Bt, D, L) activation with a unit-stride L axis.
 Operand activation(const Tensor& t, const char* name, int64_t batch, int64_t dim, int64_t seqlen) {
   check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == batch && t.size(1) == dim && t.size(2) == seqlen, name,
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == batch && t.size(1) == dim && t.size(2) == seqlen, name,
               " must have shape (Bt, D, L) = (", batch, ", ", dim, ", ", seqlen, "), got ", shape_of(t));
-  TORCH_CHECK(seqlen == 1 || t.stride(2) == 1, name, " must be unit-stride along L, got strides ", t.strides());
+  TORCH_CHECK_VALUE(seqlen == 1 || t.stride(2) == 1, name, " must be unit-stride along L, got strides ", t.strides());
   return {t.data_ptr(), dtype_of(t, name), t.stride(0), t.stride(1), 0};
 }
 
@@ -67,18 +67,18 @@ std::pair<Operand, int> bc_operand(const Tensor& t, const char* name, int64_t ba
                                    int64_t dstate) {
   check_cpu(t, name);
   if (t.dim() == 2) {
-    TORCH_CHECK(t.size(0) == dim && t.size(1) == dstate, name, " (time-invariant) must have shape (D, N) = (", dim,
+    TORCH_CHECK_VALUE(t.size(0) == dim && t.size(1) == dstate, name, " (time-invariant) must have shape (D, N) = (", dim,
                 ", ", dstate, "), got ", shape_of(t));
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " (time-invariant) must be float32, got ", t.scalar_type());
     return {{t.data_ptr(), DType::f32, t.stride(0), t.stride(1), 0}, 1};
   }
   const bool grouped = t.dim() == 4;
   const int64_t groups = grouped ? t.size(1) : 1;
-  TORCH_CHECK((t.dim() == 3 || grouped) && t.size(0) == batch && groups >= 1 && dim % groups == 0 &&
+  TORCH_CHECK_VALUE((t.dim() == 3 || grouped) && t.size(0) == batch && groups >= 1 && dim % groups == 0 &&
                   t.size(-2) == dstate && t.size(-1) == seqlen,
               name, " must have shape (D, N), (Bt, N, L) or (Bt, G, N, L) with Bt=", batch, ", N=", dstate, ", L=",
               seqlen, " and G dividing D=", dim, ", got ", shape_of(t));
-  TORCH_CHECK(seqlen == 1 || t.stride(-1) == 1, name, " must be unit-stride along L, got strides ", t.strides());
+  TORCH_CHECK_VALUE(seqlen == 1 || t.stride(-1) == 1, name, " must be unit-stride along L, got strides ", t.strides());
   return {{t.data_ptr(), dtype_of(t, name), t.stride(0), grouped ? t.stride(1) : 0, t.stride(-2)},
           static_cast<int>(groups)};
 }
@@ -95,12 +95,12 @@ ScanSetup setup_scan(const Tensor& u, const Tensor& delta, const Tensor& A, cons
   ScanSetup s;
   auto& p = s.p;
   check_cpu(u, "u");
-  TORCH_CHECK(u.dim() == 3, "u must have shape (Bt, D, L), got ", shape_of(u));
-  TORCH_CHECK(A.dim() == 2, "A must have shape (D, N), got ", shape_of(A));
+  TORCH_CHECK_VALUE(u.dim() == 3, "u must have shape (Bt, D, L), got ", shape_of(u));
+  TORCH_CHECK_VALUE(A.dim() == 2, "A must have shape (D, N), got ", shape_of(A));
   const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2), dstate = A.size(1);
-  TORCH_CHECK(batch >= 1 && dim >= 1 && seqlen >= 1, "u must be non-empty, got ", shape_of(u));
-  TORCH_CHECK(dstate >= 1 && dstate <= kMaxState, "A must have 1 <= N <= ", kMaxState, " states, got N=", dstate);
-  TORCH_CHECK(chunk >= 1, "chunk must be >= 1, got ", chunk);
+  TORCH_CHECK_VALUE(batch >= 1 && dim >= 1 && seqlen >= 1, "u must be non-empty, got ", shape_of(u));
+  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxState, "A must have 1 <= N <= ", kMaxState, " states, got N=", dstate);
+  TORCH_CHECK_VALUE(chunk >= 1, "chunk must be >= 1, got ", chunk);
   p.batch = batch, p.dim = dim, p.seqlen = seqlen, p.dstate = dstate;
   p.chunk = static_cast<int>(chunk);
   p.delta_softplus = delta_softplus;
@@ -120,21 +120,21 @@ ScanSetup setup_scan(const Tensor& u, const Tensor& delta, const Tensor& A, cons
   p.delta_bias = opt_param(delta_bias, "delta_bias", {dim}, keep);
   if (keep) s.delta_bias = *keep;
   if (z.has_value()) p.z = activation(*z, "z", batch, dim, seqlen);
-  TORCH_CHECK(ranks.has_value() == kept.has_value(), "ranks and kept must be given together");
+  TORCH_CHECK_VALUE(ranks.has_value() == kept.has_value(), "ranks and kept must be given together");
   if (ranks.has_value()) {
     check_cpu(*ranks, "ranks");
     check_cpu(*kept, "kept");
     TORCH_CHECK_TYPE(ranks->scalar_type() == at::kInt && kept->scalar_type() == at::kInt,
                      "ranks and kept must be int32");
-    TORCH_CHECK(ranks->sizes() == at::IntArrayRef({dim}) && kept->sizes() == at::IntArrayRef({dim, dstate}),
+    TORCH_CHECK_VALUE(ranks->sizes() == at::IntArrayRef({dim}) && kept->sizes() == at::IntArrayRef({dim, dstate}),
                 "ranks must have shape (D,) and kept (D, N) = (", dim, ", ", dstate, "), got ", shape_of(*ranks),
                 " and ", shape_of(*kept));
     s.ranks = ranks->contiguous();
     s.kept = kept->contiguous();
     const auto lo = s.ranks.min().item<int32_t>(), hi = s.ranks.max().item<int32_t>();
-    TORCH_CHECK(lo >= 0 && hi <= dstate, "ranks must lie in [0, N=", dstate, "], got [", lo, ", ", hi, "]");
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= dstate, "ranks must lie in [0, N=", dstate, "], got [", lo, ", ", hi, "]");
     const auto kmin = s.kept.min().item<int32_t>(), kmax = s.kept.max().item<int32_t>();
-    TORCH_CHECK(kmin >= 0 && kmax < dstate, "kept must hold state indices in [0, N=", dstate, ")");
+    TORCH_CHECK_VALUE(kmin >= 0 && kmax < dstate, "kept must hold state indices in [0, N=", dstate, ")");
     p.ranks = s.ranks.data_ptr<int32_t>();
     p.kept = s.kept.data_ptr<int32_t>();
   }
@@ -196,7 +196,7 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
 // (Bt, D) decode input.
 Operand token(const Tensor& t, const char* name, int64_t batch, int64_t dim) {
   check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) == dim, name, " must have shape (Bt, D) = (", batch,
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == batch && t.size(1) == dim, name, " must have shape (Bt, D) = (", batch,
               ", ", dim, "), got ", shape_of(t));
   return {t.data_ptr(), dtype_of(t, name), t.stride(0), t.stride(1), 0};
 }
@@ -205,9 +205,9 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
                     const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
                     const OptTensor& ranks, const OptTensor& kept, bool dt_softplus) {
   check_cpu(state, "state");
-  TORCH_CHECK(state.dim() == 3, "state must have shape (Bt, D, N), got ", shape_of(state));
+  TORCH_CHECK_VALUE(state.dim() == 3, "state must have shape (Bt, D, N), got ", shape_of(state));
   const int64_t batch = state.size(0), dim = state.size(1), dstate = state.size(2);
-  TORCH_CHECK(dstate >= 1 && dstate <= kMaxState, "state must have 1 <= N <= ", kMaxState, ", got N=", dstate);
+  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxState, "state must have 1 <= N <= ", kMaxState, ", got N=", dstate);
   compressm::cpu::StateUpdateParams p;
   p.batch = batch, p.dim = dim, p.dstate = dstate;
   p.dt_softplus = dt_softplus;
@@ -222,7 +222,7 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
     check_cpu(*t, name);
     const bool grouped = t->dim() == 3;
     const int64_t g = grouped ? t->size(1) : 1;
-    TORCH_CHECK((t->dim() == 2 || grouped) && t->size(0) == batch && g >= 1 && dim % g == 0 && t->size(-1) == dstate,
+    TORCH_CHECK_VALUE((t->dim() == 2 || grouped) && t->size(0) == batch && g >= 1 && dim % g == 0 && t->size(-1) == dstate,
                 name, " must have shape (Bt, N) or (Bt, G, N) with Bt=", batch, ", N=", dstate, " and G dividing D=",
                 dim, ", got ", shape_of(*t));
     *op = {t->data_ptr(), dtype_of(*t, name), t->stride(0), grouped ? t->stride(1) : 0, t->stride(-1)};
@@ -234,11 +234,11 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
   p.D = opt_param(D, "D", {dim}, D_c);
   p.dt_bias = opt_param(dt_bias, "dt_bias", {dim}, bias_c);
   Tensor ranks_c, kept_c;
-  TORCH_CHECK(ranks.has_value() == kept.has_value(), "ranks and kept must be given together");
+  TORCH_CHECK_VALUE(ranks.has_value() == kept.has_value(), "ranks and kept must be given together");
   if (ranks.has_value()) {
     TORCH_CHECK_TYPE(ranks->scalar_type() == at::kInt && kept->scalar_type() == at::kInt,
                      "ranks and kept must be int32");
-    TORCH_CHECK(ranks->sizes() == at::IntArrayRef({dim}) && kept->sizes() == at::IntArrayRef({dim, dstate}),
+    TORCH_CHECK_VALUE(ranks->sizes() == at::IntArrayRef({dim}) && kept->sizes() == at::IntArrayRef({dim, dstate}),
                 "ranks must have shape (D,) and kept (D, N) = (", dim, ", ", dstate, ")");
     ranks_c = ranks->contiguous();
     kept_c = kept->contiguous();
