@@ -67,8 +67,8 @@ std::pair<Operand, int> bc_operand(const Tensor& t, const char* name, int64_t ba
                                    int64_t dstate) {
   check_cpu(t, name);
   if (t.dim() == 2) {
-    TORCH_CHECK_VALUE(t.size(0) == dim && t.size(1) == dstate, name, " (time-invariant) must have shape (D, N) = (", dim,
-                ", ", dstate, "), got ", shape_of(t));
+    TORCH_CHECK_VALUE(t.size(0) == dim && t.size(1) == dstate, name, " (time-invariant) must have shape (D, N) = (",
+                      dim, ", ", dstate, "), got ", shape_of(t));
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " (time-invariant) must be float32, got ", t.scalar_type());
     return {{t.data_ptr(), DType::f32, t.stride(0), t.stride(1), 0}, 1};
   }
@@ -173,13 +173,14 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
   }
   const auto f32 = u.options().dtype(at::kFloat);
   const auto contiguous = at::MemoryFormat::Contiguous;
-  Tensor du = at::empty(u.sizes(), u.options().memory_format(contiguous));
-  Tensor ddelta = at::empty(delta.sizes(), delta.options().memory_format(contiguous));
+  auto grad_of = [&](const Tensor& t) { return at::empty(t.sizes(), t.options().memory_format(contiguous)); };
+  Tensor du = grad_of(u);
+  Tensor ddelta = grad_of(delta);
   Tensor dA = at::empty({dim, dstate}, f32);
-  Tensor dB = p.b_variable ? at::empty(B.sizes(), B.options().memory_format(contiguous)) : at::empty({dim, dstate}, f32);
-  Tensor dC = p.c_variable ? at::empty(C.sizes(), C.options().memory_format(contiguous)) : at::empty({dim, dstate}, f32);
+  Tensor dB = p.b_variable ? grad_of(B) : at::empty({dim, dstate}, f32);
+  Tensor dC = p.c_variable ? grad_of(C) : at::empty({dim, dstate}, f32);
   Tensor dD = at::empty({D.has_value() ? dim : 0}, f32);
-  Tensor dz = z.has_value() ? at::empty(z->sizes(), z->options().memory_format(contiguous)) : at::empty({0}, u.options());
+  Tensor dz = z.has_value() ? grad_of(*z) : at::empty({0}, u.options());
   Tensor ddelta_bias = at::empty({delta_bias.has_value() ? dim : 0}, f32);
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
@@ -222,9 +223,9 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
     check_cpu(*t, name);
     const bool grouped = t->dim() == 3;
     const int64_t g = grouped ? t->size(1) : 1;
-    TORCH_CHECK_VALUE((t->dim() == 2 || grouped) && t->size(0) == batch && g >= 1 && dim % g == 0 && t->size(-1) == dstate,
-                name, " must have shape (Bt, N) or (Bt, G, N) with Bt=", batch, ", N=", dstate, " and G dividing D=",
-                dim, ", got ", shape_of(*t));
+    const bool ok = (t->dim() == 2 || grouped) && t->size(0) == batch && g >= 1 && dim % g == 0;
+    TORCH_CHECK_VALUE(ok && t->size(-1) == dstate, name, " must have shape (Bt, N) or (Bt, G, N) with Bt=", batch,
+                      ", N=", dstate, " and G dividing D=", dim, ", got ", shape_of(*t));
     *op = {t->data_ptr(), dtype_of(*t, name), t->stride(0), grouped ? t->stride(1) : 0, t->stride(-1)};
     *groups = static_cast<int>(g);
   }

@@ -28,6 +28,46 @@ inline void store(void* p, int64_t i, DType t, float v) {
   }
 }
 
+// n elements from data + off (unit stride) to fp32 dst; the dtype switch is outside the loops so they vectorise.
+inline void load_row(const void* data, int64_t off, DType t, int n, float* dst) {
+  switch (t) {
+    case DType::f16: {
+      const c10::Half* src = static_cast<const c10::Half*>(data) + off;
+      for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+      break;
+    }
+    case DType::bf16: {
+      const c10::BFloat16* src = static_cast<const c10::BFloat16*>(data) + off;
+      for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+      break;
+    }
+    default: {
+      const float* src = static_cast<const float*>(data) + off;
+      for (int i = 0; i < n; ++i) dst[i] = src[i];
+    }
+  }
+}
+
+// n fp32 values to data + off (unit stride) in dtype t.
+inline void store_row(void* data, int64_t off, DType t, int n, const float* src) {
+  switch (t) {
+    case DType::f16: {
+      c10::Half* dst = static_cast<c10::Half*>(data) + off;
+      for (int i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+      break;
+    }
+    case DType::bf16: {
+      c10::BFloat16* dst = static_cast<c10::BFloat16*>(data) + off;
+      for (int i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+      break;
+    }
+    default: {
+      float* dst = static_cast<float*>(data) + off;
+      for (int i = 0; i < n; ++i) dst[i] = src[i];
+    }
+  }
+}
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define COMPRESSM_TARGET_AVX2 __attribute__((target("avx2,fma")))
 inline bool cpu_has_avx2_fma() {

@@ -117,6 +117,77 @@ COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
 }
 COMPRESSM_DISPATCH(reverse_core, ReverseArgs)
 
+// Per-step math of one channel over T steps (vectorised across steps): delta holds the raw δ on entry and
+// Δ on exit; grad receives dΔ/dδ and delta_u Δ·u.
+struct DiscretizeArgs {
+  int T;
+  float bias;
+  bool softplus;
+  float* delta;
+  float* grad;
+  float* delta_u;
+  const float* u;
+};
+
+COMPRESSM_ALWAYS_INLINE void discretize_steps_impl(const DiscretizeArgs& a) {
+  float* __restrict delta = a.delta;
+  float* __restrict grad = a.grad;
+  float* __restrict delta_u = a.delta_u;
+  const float* __restrict u = a.u;
+  if (a.softplus) {
+    for (int t = 0; t < a.T; ++t) {
+      grad[t] = discretize_grad(delta[t], a.bias, true);
+      delta[t] = discretize(delta[t], a.bias, true);
+    }
+  } else {
+    for (int t = 0; t < a.T; ++t) {
+      grad[t] = 1.0f;
+      delta[t] = discretize(delta[t], a.bias, false);
+    }
+  }
+  for (int t = 0; t < a.T; ++t) delta_u[t] = delta[t] * u[t];
+}
+COMPRESSM_DISPATCH(discretize_steps, DiscretizeArgs)
+
+// The D skip and the z gate. Forward (dout == nullptr): y <- (y + D·u)·silu(z). Backward: y is Σ C h,
+// dout <- dy = dout·silu(z) (the gradient reaching Σ C h), dz = dout·(y + D·u)·silu'(z), *dD += Σ dy·u.
+struct GateArgs {
+  int T;
+  float D;
+  const float* u;
+  const float* z;  // nullptr: no gate
+  float* y;
+  float* dout;
+  float* dz;
+  float* dD;
+};
+
+COMPRESSM_ALWAYS_INLINE void gate_steps_impl(const GateArgs& a) {
+  const float* __restrict u = a.u;
+  const float* __restrict z = a.z;
+  float* __restrict y = a.y;
+  float* __restrict dout = a.dout;
+  float* __restrict dz = a.dz;
+  if (dout == nullptr) {
+    for (int t = 0; t < a.T; ++t) y[t] += a.D * u[t];
+    if (z) {
+      for (int t = 0; t < a.T; ++t) y[t] *= silu_f32(z[t]);
+    }
+    return;
+  }
+  if (z) {
+    for (int t = 0; t < a.T; ++t) {
+      dz[t] = dout[t] * (y[t] + a.D * u[t]) * silu_grad_f32(z[t]);
+      dout[t] *= silu_f32(z[t]);
+    }
+  }
+  float dD = 0.0f;
+#pragma omp simd reduction(+ : dD)
+  for (int t = 0; t < a.T; ++t) dD += dout[t] * u[t];
+  *a.dD += dD;
+}
+COMPRESSM_DISPATCH(gate_steps, GateArgs)
+
 // ------------------------------------------------------------------------------------------ B and C
 
 // Variable B or C as fp32 (Bt, G, L, N): row (b, g, t) holds the N states of step t contiguously.
@@ -141,7 +212,8 @@ Rows transpose_rows(const Operand& x, int batch, int groups, int dstate, int seq
     float* dst = rows.data.data() + (bg * seqlen) * dstate;
     const int64_t src = b * x.stride0 + g * x.stride1;
     for (int n = 0; n < dstate; ++n) {
-      for (int t = t0; t < t1; ++t) dst[static_cast<int64_t>(t) * dstate + n] = load(x.data, src + n * x.stride2 + t, x.dtype);
+      const int64_t row = src + n * x.stride2;
+      for (int t = t0; t < t1; ++t) dst[static_cast<int64_t>(t) * dstate + n] = load(x.data, row + t, x.dtype);
     }
   }
   return rows;
@@ -175,12 +247,12 @@ const float* channel_rows(const Rows& rows, bool variable, const ScanParams& p, 
 // Per-thread working memory, sized once per thread.
 struct Scratch {
   std::vector<float> A, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;  // (N,)
-  std::vector<float> delta, delta_grad, delta_u, u, y, dy, ddelta, du;      // (chunk,)
+  std::vector<float> delta, delta_grad, delta_u, u, y, dy, ddelta, du, z, dz;  // (chunk,)
   std::vector<float> hist, B_gather, C_gather, dB_gather, dC_gather;        // (chunk, N)
 
   Scratch(int N, int chunk, bool backward)
       : A(N), h(N), h_in(N), carry(N), dA(N), B_inv(N), C_inv(N), dB_inv(N), dC_inv(N), delta(chunk),
-        delta_grad(chunk), delta_u(chunk), u(chunk), y(chunk), dy(chunk), ddelta(chunk), du(chunk),
+        delta_grad(chunk), delta_u(chunk), u(chunk), y(chunk), dy(chunk), ddelta(chunk), du(chunk), z(chunk), dz(chunk),
         B_gather(static_cast<size_t>(chunk) * N), C_gather(static_cast<size_t>(chunk) * N) {
     if (backward) {
       hist.resize(static_cast<size_t>(chunk) * N);
@@ -218,17 +290,9 @@ struct Channel {
 
 // Δ_t, Δ_t u_t, u_t (and dΔ/dδ) for steps [t0, t0 + T) of a channel.
 void load_steps(const ScanParams& p, const Channel& ch, int t0, int T, Scratch& s) {
-  const int64_t off_d = ch.b * p.delta.stride0 + ch.d * p.delta.stride1 + t0;
-  const int64_t off_u = ch.act + t0;
-  for (int t = 0; t < T; ++t) {
-    const float raw = load(p.delta.data, off_d + t, p.delta.dtype);
-    const float u = load(p.u.data, off_u + t, p.u.dtype);
-    const float delta = discretize(raw, ch.bias, p.delta_softplus);
-    s.delta[t] = delta;
-    s.delta_grad[t] = discretize_grad(raw, ch.bias, p.delta_softplus);
-    s.u[t] = u;
-    s.delta_u[t] = delta * u;
-  }
+  load_row(p.delta.data, ch.b * p.delta.stride0 + ch.d * p.delta.stride1 + t0, p.delta.dtype, T, s.delta.data());
+  load_row(p.u.data, ch.act + t0, p.u.dtype, T, s.u.data());
+  discretize_steps({T, ch.bias, p.delta_softplus, s.delta.data(), s.delta_grad.data(), s.delta_u.data(), s.u.data()});
 }
 
 void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s) {
@@ -240,19 +304,20 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
     const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
     load_steps(p, ch, t0, T, s);
     int64_t ldb, ldc;
-    const float* Bp = channel_rows(B, p.b_variable, p, b, d, t0, T, ch.r, ch.kept, s.B_gather.data(), s.B_inv.data(), ldb);
-    const float* Cp = channel_rows(C, p.c_variable, p, b, d, t0, T, ch.r, ch.kept, s.C_gather.data(), s.C_inv.data(), ldc);
-    forward_core({ch.r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), Bp, ldb, Cp, ldc, s.y.data(), nullptr});
+    const float* Bp =
+        channel_rows(B, p.b_variable, p, b, d, t0, T, ch.r, ch.kept, s.B_gather.data(), s.B_inv.data(), ldb);
+    const float* Cp =
+        channel_rows(C, p.c_variable, p, b, d, t0, T, ch.r, ch.kept, s.C_gather.data(), s.C_inv.data(), ldc);
+    forward_core(
+        {ch.r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), Bp, ldb, Cp, ldc, s.y.data(), nullptr});
 
     float* carry = p.carries + ((static_cast<int64_t>(b) * p.dim + d) * n_chunks + c) * N;
     if (ch.kept) std::fill_n(carry, N, 0.0f);  // masked states stay exactly 0
     for (int k = 0; k < ch.r; ++k) carry[ch.state(k)] = s.h[k];
 
-    for (int t = 0; t < T; ++t) {
-      float v = s.y[t] + ch.D * s.u[t];
-      if (p.z.data) v *= silu_f32(load(p.z.data, off_z + t0 + t, p.z.dtype));
-      store(p.out, ch.dense + t0 + t, p.u.dtype, v);
-    }
+    if (p.z.data) load_row(p.z.data, off_z + t0, p.z.dtype, T, s.z.data());
+    gate_steps({T, ch.D, s.u.data(), p.z.data ? s.z.data() : nullptr, s.y.data(), nullptr, nullptr, nullptr});
+    store_row(p.out, ch.dense + t0, p.u.dtype, T, s.y.data());
   }
 }
 
@@ -287,21 +352,17 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
                        s.hist.data()});
 
     // Through the z gate and the D skip: dy is the gradient of Σ_n C h.
-    for (int t = 0; t < T; ++t) {
-      const float dout = load(p.dout.data, off_dout + t0 + t, p.dout.dtype);
-      float dy = dout;
-      if (p.z.data) {
-        const float z = load(p.z.data, off_z + t0 + t, p.z.dtype);
-        const float y = s.y[t] + ch.D * s.u[t];
-        store(p.dz, ch.dense + t0 + t, p.z.dtype, dout * y * silu_grad_f32(z));
-        dy = dout * silu_f32(z);
-      }
-      s.dy[t] = dy;
-      dD += dy * s.u[t];
-    }
+    load_row(p.dout.data, off_dout + t0, p.dout.dtype, T, s.dy.data());
+    if (p.z.data) load_row(p.z.data, off_z + t0, p.z.dtype, T, s.z.data());
+    gate_steps({T, ch.D, s.u.data(), p.z.data ? s.z.data() : nullptr, s.y.data(), s.dy.data(), s.dz.data(), &dD});
+    if (p.z.data) store_row(p.dz, ch.dense + t0, p.z.dtype, T, s.dz.data());
 
-    float* dB_rows = p.b_variable ? dB_part + (static_cast<int64_t>(d / (p.dim / B.groups)) * p.seqlen + t0) * N : nullptr;
-    float* dC_rows = p.c_variable ? dC_part + (static_cast<int64_t>(d / (p.dim / C.groups)) * p.seqlen + t0) * N : nullptr;
+    // This channel's group rows of the thread's partial dB/dC, from step t0.
+    auto part_rows = [&](float* part, int groups) {
+      return part ? part + (static_cast<int64_t>(d / (p.dim / groups)) * p.seqlen + t0) * N : nullptr;
+    };
+    float* dB_rows = part_rows(dB_part, B.groups);
+    float* dC_rows = part_rows(dC_part, C.groups);
     float *dBp = s.dB_inv.data(), *dCp = s.dC_inv.data();
     int64_t lddb = 0, lddc = 0;
     if (p.b_variable) {
@@ -326,11 +387,12 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     }
 
     for (int t = 0; t < T; ++t) {
-      const float ddelta = s.ddelta[t] * s.delta_grad[t];
-      ddelta_bias += ddelta;
-      store(p.ddelta, ch.dense + t0 + t, p.delta.dtype, ddelta);
-      store(p.du, ch.dense + t0 + t, p.u.dtype, s.du[t] + s.dy[t] * ch.D);
+      s.ddelta[t] *= s.delta_grad[t];
+      ddelta_bias += s.ddelta[t];
+      s.du[t] += s.dy[t] * ch.D;
     }
+    store_row(p.ddelta, ch.dense + t0, p.delta.dtype, T, s.ddelta.data());
+    store_row(p.du, ch.dense + t0, p.u.dtype, T, s.du.data());
   }
 
   for (int k = 0; k < r; ++k) {
@@ -379,7 +441,9 @@ void scan_fwd(const ScanParams& p) {
   {
     Scratch s(p.dstate, p.chunk, false);
 #pragma omp for schedule(static)
-    for (int64_t bd = 0; bd < pairs; ++bd) channel_forward(p, B, C, static_cast<int>(bd / p.dim), static_cast<int>(bd % p.dim), s);
+    for (int64_t bd = 0; bd < pairs; ++bd) {
+      channel_forward(p, B, C, static_cast<int>(bd / p.dim), static_cast<int>(bd % p.dim), s);
+    }
   }
 }
 

@@ -38,27 +38,45 @@ COMPRESSM_ALWAYS_INLINE void step_core_impl(const StepArgs& a) {
 }
 COMPRESSM_DISPATCH(step_core, StepArgs)
 
+// dst[k] = data[off + state_k · stride] in fp32, state_k = kept[k] (or k), k < r.
+void gather(const void* data, int64_t off, int64_t stride, DType t, const int32_t* kept, int r, float* dst) {
+  for (int k = 0; k < r; ++k) dst[k] = load(data, off + (kept ? kept[k] : k) * stride, t);
+}
+
+// Operands already fp32, unit-stride and unmasked are used in place; others are gathered into `buf`.
+template <typename T>
+T* in_place_or(T* data, DType t, int64_t stride, const int32_t* kept, float* buf) {
+  return t == DType::f32 && stride == 1 && kept == nullptr ? data : buf;
+}
+
 void channel_step(const StateUpdateParams& p, int b, int d) {
   const int N = p.dstate;
   const int r = p.ranks ? p.ranks[d] : N;
   const int32_t* kept = p.kept ? p.kept + static_cast<int64_t>(d) * N : nullptr;
-  alignas(64) float A[kMaxState], B[kMaxState], C[kMaxState], h[kMaxState];
+  alignas(64) float A_buf[kMaxState], B_buf[kMaxState], C_buf[kMaxState], h_buf[kMaxState];
   const int64_t off_b = b * p.B.stride0 + (d / (p.dim / p.groups_b)) * p.B.stride1;
   const int64_t off_c = b * p.C.stride0 + (d / (p.dim / p.groups_c)) * p.C.stride1;
   const int64_t off_h = b * p.state_stride0 + d * p.state_stride1;
-  for (int k = 0; k < r; ++k) {
-    const int n = kept ? kept[k] : k;
-    A[k] = p.A[static_cast<int64_t>(d) * N + n];
-    B[k] = load(p.B.data, off_b + n * p.B.stride2, p.B.dtype);
-    C[k] = load(p.C.data, off_c + n * p.C.stride2, p.C.dtype);
-    h[k] = load(p.state, off_h + n * p.state_stride2, p.state_dtype);
+  const float* A = p.A + static_cast<int64_t>(d) * N;
+  if (kept) {
+    for (int k = 0; k < r; ++k) A_buf[k] = A[kept[k]];
+    A = A_buf;
   }
+  const float* B = in_place_or(static_cast<const float*>(p.B.data) + off_b, p.B.dtype, p.B.stride2, kept, B_buf);
+  if (B == B_buf) gather(p.B.data, off_b, p.B.stride2, p.B.dtype, kept, r, B_buf);
+  const float* C = in_place_or(static_cast<const float*>(p.C.data) + off_c, p.C.dtype, p.C.stride2, kept, C_buf);
+  if (C == C_buf) gather(p.C.data, off_c, p.C.stride2, p.C.dtype, kept, r, C_buf);
+  float* h = in_place_or(static_cast<float*>(p.state) + off_h, p.state_dtype, p.state_stride2, kept, h_buf);
+  if (h == h_buf) gather(p.state, off_h, p.state_stride2, p.state_dtype, kept, r, h_buf);
+
   const float bias = p.dt_bias ? p.dt_bias[d] : 0.0f;
   const float x = load(p.x.data, b * p.x.stride0 + d * p.x.stride1, p.x.dtype);
   const float delta = discretize(load(p.dt.data, b * p.dt.stride0 + d * p.dt.stride1, p.dt.dtype), bias, p.dt_softplus);
   float y;
   step_core({r, delta, delta * x, A, B, C, h, &y});
-  for (int k = 0; k < r; ++k) store(p.state, off_h + (kept ? kept[k] : k) * p.state_stride2, p.state_dtype, h[k]);
+  if (h == h_buf) {
+    for (int k = 0; k < r; ++k) store(p.state, off_h + (kept ? kept[k] : k) * p.state_stride2, p.state_dtype, h[k]);
+  }
   for (int k = r; k < N; ++k) store(p.state, off_h + kept[k] * p.state_stride2, p.state_dtype, 0.0f);  // masked: 0
   if (p.D) y += p.D[d] * x;
   if (p.z.data) y *= silu_f32(load(p.z.data, b * p.z.stride0 + d * p.z.stride1, p.z.dtype));
