@@ -1,12 +1,15 @@
 """One benchmark harness: warm-up, median and 20/80 % quantiles, peak memory, a header with the machine
-and versions, a fixed-width table with ratios to a baseline measured in the same run, JSON rows.
+and versions, a fixed-width table with ratios to a baseline measured in the same run, JSON rows, PNG plots.
 
-Used by every bench/*.py script::
+Every suite (``python -m bench <suite>``) uses it::
 
-    from harness import Bench
     bench = Bench("scan", device="cuda")
-    bench.time("triton fwd N=16", fn, group="N=16", baseline=False, **extra_columns)
+    bench.time("triton fwd N=16", fn, group="fwd N=16", baseline=False, backend="triton", N=16)
     bench.report(json_path="bench/results/scan.json")
+    bench.plot("bench/results/scan.png", x="N", series="backend", panel="pass")
+
+Rows of one ``group`` are compared with the group's baseline row (``vs base`` = baseline time / this time,
+> 1 is faster). Keyword extras become table columns, JSON fields and the plot's axes/series.
 """
 
 from __future__ import annotations
@@ -18,26 +21,34 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import torch
+
+_VERSIONED = ("triton", "numpy", "scipy", "mamba_ssm", "transformers")
+
+
+def _version(dist: str) -> str | None:
+    # Distribution metadata, not an import: mamba_ssm cannot even be imported without its CUDA extension.
+    try:
+        return metadata.version(dist.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def machine_header(device: str) -> str:
     """Machine, versions and device, one per line, for the top of every report."""
     import compressm_kernels
 
+    versions = ", ".join(f"{d} {v}" for d in _VERSIONED if (v := _version(d)) is not None)
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())  # other work on the machine skews CPU timings
     lines = [
-        f"host: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+        f"host: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs (load {load}), "
+        f"python {platform.python_version()}",
         f"torch {torch.__version__} (threads {torch.get_num_threads()}), compressm_kernels "
-        f"{compressm_kernels.__version__}",
+        f"{compressm_kernels.__version__}, {versions}",
     ]
-    try:
-        import triton
-
-        lines[-1] += f", triton {triton.__version__}"
-    except ImportError:
-        pass
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         lines.append(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
@@ -56,6 +67,10 @@ class Row:
     peak_mem_mb: float | None
     ratio: float | None = None  # baseline time / this time, within the group (>1 means faster)
     extra: dict = field(default_factory=dict)
+
+    def value(self, key: str) -> object:
+        """A field or an extra by name (``median_ms``, ``ratio``, ``N``, ``GB/s``, ...)."""
+        return getattr(self, key) if key in self.__dataclass_fields__ and key != "extra" else self.extra.get(key)
 
 
 def measure(fn: Callable[[], object], device: str, warmup: int = 3, repeats: int = 10,
@@ -90,16 +105,19 @@ def measure(fn: Callable[[], object], device: str, warmup: int = 3, repeats: int
 
 
 class Bench:
-    """Collects timed rows; ``report`` prints the table and writes JSON."""
+    """Collects timed rows; ``report`` prints the table and writes JSON, ``plot`` draws them."""
 
     def __init__(self, title: str, device: str = "cpu", warmup: int = 3, repeats: int = 10) -> None:
         self.title, self.device, self.warmup, self.repeats = title, device, warmup, repeats
         self.rows: list[Row] = []
+        self.notes: list[str] = []
         self._baselines: dict[str, float] = {}
 
     def time(self, name: str, fn: Callable[[], object], *, group: str = "", baseline: bool = False,
-             **extra: object) -> Row:
-        times, peak = measure(fn, self.device, self.warmup, self.repeats)
+             warmup: int | None = None, repeats: int | None = None, **extra: object) -> Row:
+        """Time ``fn`` and add a row; ``baseline=True`` makes it the reference of its ``group``."""
+        times, peak = measure(fn, self.device, self.warmup if warmup is None else warmup,
+                              self.repeats if repeats is None else repeats)
         q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
         row = Row(name, group, statistics.median(times), q[0], q[3], peak, extra=dict(extra))
         if baseline:
@@ -112,27 +130,99 @@ class Bench:
         self.rows.append(row)
         return row
 
-    def table(self) -> str:
-        extra_keys = sorted({k for r in self.rows for k in r.extra})
-        head = f"{'name':<40}{'median ms':>11}{'q20':>9}{'q80':>9}{'peak MB':>9}{'vs base':>9}"
-        head += "".join(f"{k:>11}" for k in extra_keys)
+    def note(self, text: str) -> None:
+        """A line printed under the header (a skipped backend and why, a baseline's definition)."""
+        self.notes.append(text)
+
+    def table(self, columns: list[str] | None = None) -> str:
+        """Fixed-width table; ``columns`` picks and orders the extras shown (default: all, sorted)."""
+        keys = columns if columns is not None else sorted({k for r in self.rows for k in r.extra})
+        width = max([40, *(len(r.name) + 2 for r in self.rows)])
+        head = f"{'name':<{width}}{'median ms':>11}{'q20':>10}{'q80':>10}{'peak MB':>9}{'vs base':>9}"
+        head += "".join(f"{k:>11}" for k in keys)
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            line = f"{r.name:<40}{r.median_ms:>11.3f}{r.q20_ms:>9.3f}{r.q80_ms:>9.3f}"
+            line = f"{r.name:<{width}}{r.median_ms:>11.3f}{r.q20_ms:>10.3f}{r.q80_ms:>10.3f}"
             line += f"{r.peak_mem_mb:>9.1f}" if r.peak_mem_mb is not None else f"{'-':>9}"
             line += f"{r.ratio:>8.2f}x" if r.ratio is not None else f"{'-':>9}"
-            for k in extra_keys:
+            for k in keys:
                 v = r.extra.get(k, "")
-                line += f"{v:>11.1f}" if isinstance(v, float) else f"{v!s:>11}"
+                line += f"{v:>11.4g}" if isinstance(v, float) else f"{v!s:>11}"
             lines.append(line)
         return "\n".join(lines)
 
-    def report(self, json_path: str | Path | None = None) -> str:
-        text = f"== {self.title} ==\n{machine_header(self.device)}\n{self.table()}"
-        print(text, flush=True)
+    def report(self, json_path: str | Path | None = None, columns: list[str] | None = None) -> str:
+        """Print header, notes and table; write ``{"title", "header", "notes", "rows"}`` to ``json_path``."""
+        text = "\n".join([f"== {self.title} ==", machine_header(self.device), *self.notes, self.table(columns)])
+        print(text + "\n", flush=True)
         if json_path is not None:
             path = Path(json_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"title": self.title, "header": machine_header(self.device),
-                                        "rows": [asdict(r) for r in self.rows]}, indent=1))
+                                        "notes": self.notes, "rows": [asdict(r) for r in self.rows]}, indent=1))
         return text
+
+    def plot(self, path: str | Path, *, x: str, series: str, panel: str | None = None, y: str = "median_ms",
+             where: Callable[[Row], bool] | None = None, logx: bool = True, logy: bool = True) -> Path | None:
+        """One PNG: ``y`` against extra ``x`` per ``series`` value, one subplot per ``panel`` value.
+
+        Rows lacking ``x`` or ``series`` (or rejected by ``where``) are left out; ``median_ms`` gets 20/80 %
+        error bars. Returns the path written, or None when no row qualifies.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rows if r.value(x) is not None and r.value(series) is not None
+                and r.value(y) is not None and (where is None or where(r))]
+        if not rows:
+            return None
+        panels = list(dict.fromkeys(r.value(panel) if panel else "" for r in rows))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
+        for ax, pv in zip(axes[0], panels, strict=True):
+            mine = [r for r in rows if not panel or r.value(panel) == pv]
+            for sv in dict.fromkeys(r.value(series) for r in mine):
+                pts = sorted((r for r in mine if r.value(series) == sv), key=lambda r: r.value(x))
+                xs, ys = [r.value(x) for r in pts], [r.value(y) for r in pts]
+                if y == "median_ms":
+                    err = [[r.median_ms - r.q20_ms for r in pts], [r.q80_ms - r.median_ms for r in pts]]
+                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=str(sv))
+                else:
+                    ax.plot(xs, ys, marker="o", label=str(sv))
+            if logx:
+                ax.set_xscale("log", base=2)
+                ticks = sorted({r.value(x) for r in mine})
+                ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+                ax.minorticks_off()
+            if logy:
+                ax.set_yscale("log")
+            ax.set_xlabel(x)
+            ax.set_ylabel(y)
+            ax.set_title(f"{panel}={pv}" if panel else self.title, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(self.title, fontsize=9)
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+
+def publish(bench: Bench, args, suite: str, *, columns: list[str] | None = None,
+            plots: dict[str, dict] | None = None) -> None:
+    """Print ``bench``'s report, write ``<json_dir>/<suite>_<device>.json`` and one PNG per ``plots`` entry
+    (``<plots_dir>/<suite>_<device><key>.png``, the entry's items passed to :meth:`Bench.plot`)."""
+    stem = f"{suite}_{args.device.split(':')[0]}"
+    json_path = None if args.json_dir is None else Path(args.json_dir) / f"{stem}.json"
+    bench.report(json_path=json_path, columns=columns)
+    written = [str(json_path)] if json_path is not None else []
+    if args.plots_dir is not None:
+        for key, spec in (plots or {}).items():
+            path = bench.plot(Path(args.plots_dir) / f"{stem}{key}.png", **spec)
+            if path is not None:
+                written.append(str(path))
+    if written:
+        print("wrote " + ", ".join(written) + "\n", flush=True)

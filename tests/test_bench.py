@@ -1,0 +1,93 @@
+"""Smoke tests of ``python -m bench`` and experiments/scifar.py at their smallest sizes (they time nothing).
+
+They keep the harness, the CLI, the JSON rows, the plots and the experiment script from rotting; the
+numbers themselves come from real runs (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main as bench_main
+from bench.harness import Bench
+from compressm_kernels.ops.selective_scan import cpu as cpu_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CPU_KERNELS = cpu_backend.load_extension("_C")[1] is None
+TINY = ["--warmup", "0", "--repeats", "2", "--threads", "1"]  # one thread: no OpenMP waits on a busy CI box
+SUITES = {
+    "scan": ["--backends", "reference,cpu", "--dstates", "4,2", "--batch", "1", "--dim", "4", "--seqlen", "8",
+             "--rank", "2"],
+    "decode": ["--dstates", "4,2", "--dim", "8", "--batch", "1", "--steps", "2"],
+    "block": ["--d-model", "8", "--batch", "1", "--seqlen", "8", "--dstate", "8", "--cuts", "4"],
+    "hankel": ["--dims", "4", "--dstates", "4", "--batch", "1", "--seqlen", "8", "--scipy-max-dim", "4"],
+}
+
+
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench_main([suite, "--quick", *TINY, *SUITES[suite], "--json-dir", str(tmp_path), "--plots-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "torch " in out and "median ms" in out  # header with versions, then the table
+    report = json.loads((tmp_path / f"{suite}_cpu.json").read_text())
+    rows = report["rows"]
+    assert rows and all(r["q20_ms"] <= r["median_ms"] <= r["q80_ms"] for r in rows)
+    baselines = [r for r in rows if r["ratio"] == pytest.approx(1.0)]
+    assert baselines, "every suite measures its baseline in the same run"
+    assert (tmp_path / f"{suite}_cpu.png").stat().st_size > 0
+    names = " ".join(r["name"] for r in rows)
+    if suite == "scan":
+        assert "reference fwd N=4" in names and "bwd N=2" in names
+        if HAS_CPU_KERNELS:
+            assert "cpu masked 2/4" in names and "cpu compacted N=2" in names and "cpu per-channel ranks" in names
+    if suite == "block":
+        assert {r["extra"]["variant"] for r in rows} == {"full", "compacted", "masked"}
+    if suite == "decode":
+        assert all(r["extra"]["tok/s"] > 0 for r in rows)
+
+
+def test_ratios_are_to_the_group_baseline() -> None:
+    bench = Bench("t", repeats=2, warmup=0)
+    fast = bench.time("fast", lambda: None, group="g")
+    base = bench.time("base", lambda: sum(range(20000)), group="g", baseline=True)
+    other = bench.time("other group", lambda: None, group="h")
+    assert base.ratio == 1.0 and fast.ratio == pytest.approx(base.median_ms / fast.median_ms) and fast.ratio > 1
+    assert other.ratio is None
+    assert "fast" in bench.table() and "1.00x" in bench.table()
+
+
+def test_unknown_backend_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="unknown backend 'nope'"):
+        bench_main(["scan", "--backends", "nope", "--json-dir", "", "--plots-dir", ""])
+
+
+def _scifar():
+    spec = importlib.util.spec_from_file_location("scifar", ROOT / "experiments" / "scifar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scifar_runs_two_steps_on_fake_data(tmp_path: Path) -> None:
+    out = tmp_path / "scifar.json"
+    results = _scifar().main(["--fake-data", "--steps", "2", "--batch", "2", "--d-model", "8", "--layers", "2",
+                              "--n-state", "16", "--device", "cpu", "--out", str(out), "--log-every", "1"])
+    assert [r["run"] for r in results] == ["full", "compressm", "small"]
+    full, cut, small = results
+    assert full["n_final"] == [16, 16]
+    assert all(n <= 16 for n in cut["n_final"]) and small["n_start"] == small["n_final"] == cut["n_final"]
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in results)
+    assert json.loads(out.read_text())["results"][1]["n_final"] == cut["n_final"]
+
+
+def test_scifar_names_the_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    scifar = _scifar()
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(SystemExit, match="pip install torchvision"):
+        scifar.main(["--steps", "1", "--out", ""])
