@@ -26,7 +26,7 @@ from compressm_kernels.ops.selective_scan import check_scan_inputs, resolve_back
 from .harness import Bench, publish
 
 SIZES = {
-    ("cpu", True): dict(d_model=64, batch=2, seqlen=128, dstate=64, cuts="16,8", warmup=1, repeats=5),
+    ("cpu", True): dict(d_model=64, batch=2, seqlen=128, dstate=64, cuts="16,8", warmup=2, repeats=10),
     ("cpu", False): dict(d_model=256, batch=4, seqlen=256, dstate=64, cuts="32,16,8", warmup=2, repeats=10),
     ("cuda", True): dict(d_model=512, batch=4, seqlen=1024, dstate=64, cuts="16,8", warmup=3, repeats=10),
     ("cuda", False): dict(d_model=1024, batch=8, seqlen=2048, dstate=64, cuts="32,16,8", warmup=3, repeats=10),

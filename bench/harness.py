@@ -118,7 +118,8 @@ class Bench:
         """Time ``fn`` and add a row; ``baseline=True`` makes it the reference of its ``group``."""
         times, peak = measure(fn, self.device, self.warmup if warmup is None else warmup,
                               self.repeats if repeats is None else repeats)
-        q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+        # "inclusive": quantiles stay within the measured times (the default extrapolates from few samples).
+        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
         row = Row(name, group, statistics.median(times), q[0], q[3], peak, extra=dict(extra))
         if baseline:
             self._baselines[group] = row.median_ms
@@ -179,6 +180,7 @@ class Bench:
         if not rows:
             return None
         panels = list(dict.fromkeys(r.value(panel) if panel else "" for r in rows))
+        colors = {sv: f"C{i % 10}" for i, sv in enumerate(dict.fromkeys(r.value(series) for r in rows))}
         fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
         for ax, pv in zip(axes[0], panels, strict=True):
             mine = [r for r in rows if not panel or r.value(panel) == pv]
@@ -187,9 +189,9 @@ class Bench:
                 xs, ys = [r.value(x) for r in pts], [r.value(y) for r in pts]
                 if y == "median_ms":
                     err = [[r.median_ms - r.q20_ms for r in pts], [r.q80_ms - r.median_ms for r in pts]]
-                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=str(sv))
+                    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[sv], label=str(sv))
                 else:
-                    ax.plot(xs, ys, marker="o", label=str(sv))
+                    ax.plot(xs, ys, marker="o", color=colors[sv], label=str(sv))
             if logx:
                 ax.set_xscale("log", base=2)
                 ticks = sorted({r.value(x) for r in mine})

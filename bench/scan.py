@@ -47,7 +47,7 @@ BASELINE_ORDER = ("mamba", "mamba_ref", "cuda", "reference")
 # (device, quick) -> defaults; the torch baselines' backward at N=64 costs seconds per call on 2 cores.
 SIZES = {
     ("cpu", True): dict(batch=1, dim=64, seqlen=64, dstates="64,16", backends="reference,cpu,mamba_ref,hf",
-                        dtype="fp32", rank=8, warmup=1, repeats=3),
+                        dtype="fp32", rank=8, warmup=1, repeats=5),
     ("cpu", False): dict(batch=2, dim=256, seqlen=256, dstates="64,32,16,8", backends="reference,cpu,mamba_ref,hf",
                          dtype="fp32", rank=12, warmup=1, repeats=5),
     ("cuda", True): dict(batch=2, dim=1024, seqlen=1024, dstates="64,16", backends="cuda,triton,mamba,reference",
