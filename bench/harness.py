@@ -18,6 +18,8 @@ import json
 import os
 import platform
 import statistics
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -129,6 +131,7 @@ class Bench:
         if group in self._baselines:
             row.ratio = self._baselines[group] / row.median_ms
         self.rows.append(row)
+        print(f"  {name}: {row.median_ms:.3f} ms", file=sys.stderr, flush=True)  # progress of long runs
         return row
 
     def note(self, text: str) -> None:
@@ -201,10 +204,11 @@ class Bench:
                 ax.set_yscale("log")
             ax.set_xlabel(x)
             ax.set_ylabel(y)
-            ax.set_title(f"{panel}={pv}" if panel else self.title, fontsize=9)
+            if panel:
+                ax.set_title(f"{panel}={pv}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(self.title, fontsize=9)
+        fig.suptitle(textwrap.fill(self.title, width=55 * len(panels)), fontsize=9)
         fig.tight_layout()
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
