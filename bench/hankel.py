@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> Bench:
                 bench.time(f"scipy Lyapunov loop {group}", lambda m=moments: scipy_hsv(*m), group=group,
                            baseline=True, op="scipy", **info)
             bench.time(f"closed form {group}", acc.energies, group=group, op="closed form", **info)
-            bench.time(f"accumulate {group}", lambda: HankelAccumulator().update(u, delta, A, B, C),
+            bench.time(f"accumulate {group}", lambda x=(u, delta, A, B, C): HankelAccumulator().update(*x),
                        group=f"accumulate {group}", op="accumulate", **info)
     publish(bench, args, "hankel", columns=["D", "N"], plots={"": dict(x="N", series="op", panel="D")})
     return bench
