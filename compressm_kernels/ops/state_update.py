@@ -1,7 +1,8 @@
 """One decode step of the selective scan, updating the hidden state in place.
 
 Semantics of ``mamba_ssm.ops.triton.selective_state_update.selective_state_update`` (Mamba-1 shapes),
-plus an optional state mask; works on compacted states (any N).
+plus an optional state mask; works on compacted states (any N). CPU tensors run the C++ kernel
+(``backend="cpu"``); ``selective_state_update_ref`` is the pure-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .selective_scan import cpu as cpu_backend
 from .selective_scan.inputs import ACTIVATION_DTYPES, PARAM_DTYPES
 
 
@@ -30,6 +32,10 @@ def check_state_update_inputs(
     state_mask: Tensor | None,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` naming the first bad argument; mutates nothing."""
+    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("dt_bias", dt_bias), ("state_mask", state_mask)):
+        if not (isinstance(t, Tensor) or (t is None and name not in ("state", "x", "dt", "A", "B", "C"))):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if state.dim() != 3:
         raise ValueError(f"state must have shape (Bt, D, N), got {_shape(state)}")
     batch, dim, dstate = state.shape
@@ -101,9 +107,9 @@ def selective_state_update_ref(
         dt = F.softplus(dt)
     xf = x.to(dtype)
     drive = (dt * xf)[..., None] * _per_channel(B.to(dtype), dim)
-    if state_mask is not None:
-        drive = drive * state_mask.to(dtype)
     h = torch.exp(dt[..., None] * A.to(dtype)) * state.to(dtype) + drive
+    if state_mask is not None:  # a masked state is 0: it neither carries nor contributes anything
+        h = h * state_mask.to(dtype)
     state.copy_(h)
     out = (h * _per_channel(C.to(dtype), dim)).sum(-1)
     if D is not None:
@@ -126,6 +132,7 @@ def selective_state_update(
     dt_softplus: bool = False,
     *,
     state_mask: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Advance the selective-scan state by one token, in place.
 
@@ -136,8 +143,23 @@ def selective_state_update(
         B, C: ``(Bt, N)`` or grouped ``(Bt, G, N)``.
         D, dt_bias: optional ``(D,)``; z: optional ``(Bt, D)`` gate.
         dt_softplus: apply softplus to ``dt + dt_bias``.
-        state_mask: optional bool ``(N,)`` or ``(D, N)``; masked states receive no input.
+        state_mask: optional bool ``(N,)`` or ``(D, N)``; masked states are set to 0 and contribute nothing
+            (with a per-channel mask the C++ kernel visits kept states only).
+        backend: ``"auto"`` (the C++ kernel for CPU tensors it supports, else the reference), ``"cpu"``
+            (raises if it cannot run) or ``"reference"``.
     Returns:
         ``(Bt, D)`` output in x's dtype.
     """
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_mask=state_mask)
+    args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if backend not in ("auto", "cpu", "reference"):
+        raise ValueError(f"backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
+    if backend == "reference":
+        return selective_state_update_ref(*args, state_mask=state_mask)
+    check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias, state_mask)
+    tensors = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
+    reason = cpu_backend.state_update_unavailable_reason(tensors)
+    if reason is None:
+        return cpu_backend.state_update(*args, state_mask)
+    if backend == "cpu":
+        raise RuntimeError(f"selective_state_update backend='cpu' cannot run these inputs: {reason}")
+    return selective_state_update_ref(*args, state_mask=state_mask)

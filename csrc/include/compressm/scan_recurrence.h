@@ -36,7 +36,8 @@ namespace compressm {
 
 // exp(x) in fp32. On the device: the hardware instruction. On the host: Cody-Waite range reduction
 // x = k·ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial (truncation < 0.1 ulp), all branch-free
-// float/int arithmetic so a loop over states vectorises (a scalar libm call per state would not).
+// float/int arithmetic so a loop over states vectorises (a scalar libm call per state would not; GCC
+// needs -fno-trapping-math to turn the selects below into vector blends).
 COMPRESSM_HOST_DEVICE float exp_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
@@ -63,10 +64,58 @@ COMPRESSM_HOST_DEVICE float exp_f32(float x) {
 #endif
 }
 
-COMPRESSM_HOST_DEVICE float sigmoid_f32(float x) { return 1.0f / (1.0f + expf(-x)); }
+// log(x) for finite x > 0. On the host, branch-free like exp_f32: x = m·2^e with m in [√½, √2),
+// log m = 2·atanh(s) = 2(s + s³/3 + ... + s⁹/9), s = (m-1)/(m+1), |s| <= 0.172 (truncation < 1e-9).
+COMPRESSM_HOST_DEVICE float log_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return __logf(x);
+#else
+  int32_t bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  const int32_t mbits = (bits & 0x007fffff) | 0x3f800000;  // mantissa as a float in [1, 2)
+  float m;
+  __builtin_memcpy(&m, &mbits, sizeof(m));
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (high ? 1 : 0));
+  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  float p = 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p + e * 0.693147180559945f;
+#endif
+}
+
+// log(1 + y) for y > -1, accurate for small y: log(u)·y/(u-1) with u = fl(1 + y) cancels u's rounding.
+COMPRESSM_HOST_DEVICE float log1p_f32(float y) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(y);
+#else
+  const float u = 1.0f + y;
+  return u == 1.0f ? y : log_f32(u) * (y / (u - 1.0f));
+#endif
+}
+
+// On the device these keep libm's expf/log1pf; on the host they use the vectorisable versions above, so
+// loops over steps (softplus of Δ, the silu gate) vectorise too.
+COMPRESSM_HOST_DEVICE float sigmoid_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f / (1.0f + expf(-x));
+#else
+  return 1.0f / (1.0f + exp_f32(-x));
+#endif
+}
 
 // softplus(x) = log(1 + e^x), with torch's threshold: x for x > 20.
-COMPRESSM_HOST_DEVICE float softplus_f32(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+COMPRESSM_HOST_DEVICE float softplus_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return x > 20.0f ? x : log1pf(expf(x));
+#else
+  return x > 20.0f ? x : log1p_f32(exp_f32(x));
+#endif
+}
 
 // d softplus / dx = sigmoid(x) (exactly 1 above the threshold, as torch's backward).
 COMPRESSM_HOST_DEVICE float softplus_grad_f32(float x) { return x > 20.0f ? 1.0f : sigmoid_f32(x); }

@@ -1,0 +1,269 @@
+// compressm_kernels._C: the tensor side of the CPU kernels (checks, allocation, params). The only file
+// that includes torch's headers; the kernels take raw pointers (scan_cpu.h).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "scan_cpu.h"
+
+namespace {
+
+using compressm::cpu::DType;
+using compressm::cpu::Operand;
+using Tensor = at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kMaxState = 256;
+
+std::string shape_of(const Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + ")";
+}
+
+DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default: TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return DType::f32;
+}
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+// A float32 parameter of the given shape, made contiguous.
+Tensor param(const Tensor& t, const char* name, at::IntArrayRef shape) {
+  check_cpu(t, name);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", shape_of(t));
+  return t.contiguous();
+}
+
+const float* opt_param(const OptTensor& t, const char* name, at::IntArrayRef shape, OptTensor& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = param(*t, name, shape);
+  return keep->data_ptr<float>();
+}
+
+// (Bt, D, L) activation with a unit-stride L axis.
+Operand activation(const Tensor& t, const char* name, int64_t batch, int64_t dim, int64_t seqlen) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == batch && t.size(1) == dim && t.size(2) == seqlen, name,
+              " must have shape (Bt, D, L) = (", batch, ", ", dim, ", ", seqlen, "), got ", shape_of(t));
+  TORCH_CHECK_VALUE(seqlen == 1 || t.stride(2) == 1, name, " must be unit-stride along L, got strides ", t.strides());
+  return {t.data_ptr(), dtype_of(t, name), t.stride(0), t.stride(1), 0};
+}
+
+// B or C: variable (Bt, N, L) / grouped (Bt, G, N, L) (activation dtype, unit-stride L) or time-invariant
+// (D, N) float32. Returns the operand (strides batch, group, state / channel, state) and the group count.
+std::pair<Operand, int> bc_operand(const Tensor& t, const char* name, int64_t batch, int64_t dim, int64_t seqlen,
+                                   int64_t dstate) {
+  check_cpu(t, name);
+  if (t.dim() == 2) {
+    TORCH_CHECK_VALUE(t.size(0) == dim && t.size(1) == dstate, name, " (time-invariant) must have shape (D, N) = (",
+                      dim, ", ", dstate, "), got ", shape_of(t));
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " (time-invariant) must be float32, got ", t.scalar_type());
+    return {{t.data_ptr(), DType::f32, t.stride(0), t.stride(1), 0}, 1};
+  }
+  const bool grouped = t.dim() == 4;
+  const int64_t groups = grouped ? t.size(1) : 1;
+  TORCH_CHECK_VALUE((t.dim() == 3 || grouped) && t.size(0) == batch && groups >= 1 && dim % groups == 0 &&
+                  t.size(-2) == dstate && t.size(-1) == seqlen,
+              name, " must have shape (D, N), (Bt, N, L) or (Bt, G, N, L) with Bt=", batch, ", N=", dstate, ", L=",
+              seqlen, " and G dividing D=", dim, ", got ", shape_of(t));
+  TORCH_CHECK_VALUE(seqlen == 1 || t.stride(-1) == 1, name, " must be unit-stride along L, got strides ", t.strides());
+  return {{t.data_ptr(), dtype_of(t, name), t.stride(0), grouped ? t.stride(1) : 0, t.stride(-2)},
+          static_cast<int>(groups)};
+}
+
+// Everything forward and backward share: shapes, parameters, B/C, z, mask ranks.
+struct ScanSetup {
+  compressm::cpu::ScanParams p;
+  Tensor A, D, delta_bias, ranks, kept;  // contiguous copies the params point into
+};
+
+ScanSetup setup_scan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                     const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& ranks,
+                     const OptTensor& kept, bool delta_softplus, int64_t chunk) {
+  ScanSetup s;
+  auto& p = s.p;
+  check_cpu(u, "u");
+  TORCH_CHECK_VALUE(u.dim() == 3, "u must have shape (Bt, D, L), got ", shape_of(u));
+  TORCH_CHECK_VALUE(A.dim() == 2, "A must have shape (D, N), got ", shape_of(A));
+  const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2), dstate = A.size(1);
+  TORCH_CHECK_VALUE(batch >= 1 && dim >= 1 && seqlen >= 1, "u must be non-empty, got ", shape_of(u));
+  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxState, "A must have 1 <= N <= ", kMaxState, " states, got N=", dstate);
+  TORCH_CHECK_VALUE(chunk >= 1, "chunk must be >= 1, got ", chunk);
+  p.batch = batch, p.dim = dim, p.seqlen = seqlen, p.dstate = dstate;
+  p.chunk = static_cast<int>(chunk);
+  p.delta_softplus = delta_softplus;
+  p.num_threads = at::get_num_threads();
+  p.u = activation(u, "u", batch, dim, seqlen);
+  p.delta = activation(delta, "delta", batch, dim, seqlen);
+  s.A = param(A, "A", {dim, dstate});
+  p.A = s.A.data_ptr<float>();
+  std::tie(p.B, p.groups_b) = bc_operand(B, "B", batch, dim, seqlen, dstate);
+  std::tie(p.C, p.groups_c) = bc_operand(C, "C", batch, dim, seqlen, dstate);
+  p.b_variable = B.dim() != 2;
+  p.c_variable = C.dim() != 2;
+  OptTensor keep;
+  p.D = opt_param(D, "D", {dim}, keep);
+  if (keep) s.D = *keep;
+  keep.reset();
+  p.delta_bias = opt_param(delta_bias, "delta_bias", {dim}, keep);
+  if (keep) s.delta_bias = *keep;
+  if (z.has_value()) p.z = activation(*z, "z", batch, dim, seqlen);
+  TORCH_CHECK_VALUE(ranks.has_value() == kept.has_value(), "ranks and kept must be given together");
+  if (ranks.has_value()) {
+    check_cpu(*ranks, "ranks");
+    check_cpu(*kept, "kept");
+    TORCH_CHECK_TYPE(ranks->scalar_type() == at::kInt && kept->scalar_type() == at::kInt,
+                     "ranks and kept must be int32");
+    TORCH_CHECK_VALUE(ranks->sizes() == at::IntArrayRef({dim}) && kept->sizes() == at::IntArrayRef({dim, dstate}),
+                "ranks must have shape (D,) and kept (D, N) = (", dim, ", ", dstate, "), got ", shape_of(*ranks),
+                " and ", shape_of(*kept));
+    s.ranks = ranks->contiguous();
+    s.kept = kept->contiguous();
+    const auto lo = s.ranks.min().item<int32_t>(), hi = s.ranks.max().item<int32_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= dstate, "ranks must lie in [0, N=", dstate, "], got [", lo, ", ", hi, "]");
+    const auto kmin = s.kept.min().item<int32_t>(), kmax = s.kept.max().item<int32_t>();
+    TORCH_CHECK_VALUE(kmin >= 0 && kmax < dstate, "kept must hold state indices in [0, N=", dstate, ")");
+    p.ranks = s.ranks.data_ptr<int32_t>();
+    p.kept = s.kept.data_ptr<int32_t>();
+  }
+  return s;
+}
+
+std::tuple<Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                                    const Tensor& C, const OptTensor& D, const OptTensor& z,
+                                    const OptTensor& delta_bias, const OptTensor& ranks, const OptTensor& kept,
+                                    bool delta_softplus, int64_t chunk) {
+  ScanSetup s = setup_scan(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk);
+  auto& p = s.p;
+  Tensor out = at::empty(u.sizes(), u.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor carries = at::empty({p.batch, p.dim, p.n_chunks(), p.dstate}, u.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.carries = carries.data_ptr<float>();
+  compressm::cpu::scan_fwd(p);
+  return {out, carries};
+}
+
+// Returns du, ddelta, dA, dB, dC, dD, dz, ddelta_bias; absent inputs get empty (0-element) gradients.
+std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                             const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
+                             const OptTensor& ranks, const OptTensor& kept, bool delta_softplus, int64_t chunk,
+                             const Tensor& carries, const Tensor& dout, const OptTensor& dlast) {
+  ScanSetup s = setup_scan(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk);
+  auto& p = s.p;
+  const int64_t batch = p.batch, dim = p.dim, dstate = p.dstate;
+  Tensor carries_c = param(carries, "carries", {batch, dim, p.n_chunks(), dstate});
+  p.carries = carries_c.data_ptr<float>();
+  p.dout = activation(dout, "dout", batch, dim, p.seqlen);
+  Tensor dlast_c;
+  if (dlast.has_value()) {
+    dlast_c = param(*dlast, "dlast", {batch, dim, dstate});
+    p.dlast = dlast_c.data_ptr<float>();
+  }
+  const auto f32 = u.options().dtype(at::kFloat);
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  auto grad_of = [&](const Tensor& t) { return at::empty(t.sizes(), t.options().memory_format(contiguous)); };
+  Tensor du = grad_of(u);
+  Tensor ddelta = grad_of(delta);
+  Tensor dA = at::empty({dim, dstate}, f32);
+  Tensor dB = p.b_variable ? grad_of(B) : at::empty({dim, dstate}, f32);
+  Tensor dC = p.c_variable ? grad_of(C) : at::empty({dim, dstate}, f32);
+  Tensor dD = at::empty({D.has_value() ? dim : 0}, f32);
+  Tensor dz = z.has_value() ? grad_of(*z) : at::empty({0}, u.options());
+  Tensor ddelta_bias = at::empty({delta_bias.has_value() ? dim : 0}, f32);
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dA = dA.data_ptr<float>();
+  p.dB = dB.data_ptr();
+  p.dC = dC.data_ptr();
+  p.dD = D.has_value() ? dD.data_ptr<float>() : nullptr;
+  p.dz = z.has_value() ? dz.data_ptr() : nullptr;
+  p.ddelta_bias = delta_bias.has_value() ? ddelta_bias.data_ptr<float>() : nullptr;
+  compressm::cpu::scan_bwd(p);
+  return {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias};
+}
+
+// (Bt, D) decode input.
+Operand token(const Tensor& t, const char* name, int64_t batch, int64_t dim) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == batch && t.size(1) == dim, name, " must have shape (Bt, D) = (", batch,
+              ", ", dim, "), got ", shape_of(t));
+  return {t.data_ptr(), dtype_of(t, name), t.stride(0), t.stride(1), 0};
+}
+
+Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
+                    const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
+                    const OptTensor& ranks, const OptTensor& kept, bool dt_softplus) {
+  check_cpu(state, "state");
+  TORCH_CHECK_VALUE(state.dim() == 3, "state must have shape (Bt, D, N), got ", shape_of(state));
+  const int64_t batch = state.size(0), dim = state.size(1), dstate = state.size(2);
+  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxState, "state must have 1 <= N <= ", kMaxState, ", got N=", dstate);
+  compressm::cpu::StateUpdateParams p;
+  p.batch = batch, p.dim = dim, p.dstate = dstate;
+  p.dt_softplus = dt_softplus;
+  p.num_threads = at::get_num_threads();
+  p.state = state.data_ptr();
+  p.state_dtype = dtype_of(state, "state");
+  p.state_stride0 = state.stride(0), p.state_stride1 = state.stride(1), p.state_stride2 = state.stride(2);
+  p.x = token(x, "x", batch, dim);
+  p.dt = token(dt, "dt", batch, dim);
+  if (z.has_value()) p.z = token(*z, "z", batch, dim);
+  for (auto [t, name, op, groups] : {std::tuple{&B, "B", &p.B, &p.groups_b}, std::tuple{&C, "C", &p.C, &p.groups_c}}) {
+    check_cpu(*t, name);
+    const bool grouped = t->dim() == 3;
+    const int64_t g = grouped ? t->size(1) : 1;
+    const bool ok = (t->dim() == 2 || grouped) && t->size(0) == batch && g >= 1 && dim % g == 0;
+    TORCH_CHECK_VALUE(ok && t->size(-1) == dstate, name, " must have shape (Bt, N) or (Bt, G, N) with Bt=", batch,
+                      ", N=", dstate, " and G dividing D=", dim, ", got ", shape_of(*t));
+    *op = {t->data_ptr(), dtype_of(*t, name), t->stride(0), grouped ? t->stride(1) : 0, t->stride(-1)};
+    *groups = static_cast<int>(g);
+  }
+  Tensor A_c = param(A, "A", {dim, dstate});
+  p.A = A_c.data_ptr<float>();
+  OptTensor D_c, bias_c;
+  p.D = opt_param(D, "D", {dim}, D_c);
+  p.dt_bias = opt_param(dt_bias, "dt_bias", {dim}, bias_c);
+  Tensor ranks_c, kept_c;
+  TORCH_CHECK_VALUE(ranks.has_value() == kept.has_value(), "ranks and kept must be given together");
+  if (ranks.has_value()) {
+    TORCH_CHECK_TYPE(ranks->scalar_type() == at::kInt && kept->scalar_type() == at::kInt,
+                     "ranks and kept must be int32");
+    TORCH_CHECK_VALUE(ranks->sizes() == at::IntArrayRef({dim}) && kept->sizes() == at::IntArrayRef({dim, dstate}),
+                "ranks must have shape (D,) and kept (D, N) = (", dim, ", ", dstate, ")");
+    ranks_c = ranks->contiguous();
+    kept_c = kept->contiguous();
+    p.ranks = ranks_c.data_ptr<int32_t>();
+    p.kept = kept_c.data_ptr<int32_t>();
+  }
+  Tensor out = at::empty({batch, dim}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  p.out = out.data_ptr();
+  compressm::cpu::state_update(p);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "compressm_kernels C++ CPU kernels (selective scan forward/backward, decode step)";
+  m.def("scan_fwd", &scan_fwd, "selective scan forward -> (out, carries)", py::arg("u"), py::arg("delta"),
+        py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("ranks"),
+        py::arg("kept"), py::arg("delta_softplus"), py::arg("chunk"));
+  m.def("scan_bwd", &scan_bwd, "selective scan backward -> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias",
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+        py::arg("delta_bias"), py::arg("ranks"), py::arg("kept"), py::arg("delta_softplus"), py::arg("chunk"),
+        py::arg("carries"), py::arg("dout"), py::arg("dlast"));
+  m.def("state_update", &state_update, "one decode step, state updated in place -> out", py::arg("state"),
+        py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+        py::arg("dt_bias"), py::arg("ranks"), py::arg("kept"), py::arg("dt_softplus"));
+}

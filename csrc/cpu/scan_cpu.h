@@ -1,0 +1,77 @@
+// Parameters of the C++ CPU kernels: raw pointers, strides in elements, dtype tags. No torch headers, so the
+// kernel files compile in seconds; bindings.cpp fills these from tensors and checks them.
+#pragma once
+
+#include <cstdint>
+
+namespace compressm::cpu {
+
+enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
+
+// One activation tensor: data, dtype and its strides (the L / state axis is unit-stride unless noted).
+struct Operand {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  int64_t stride0 = 0, stride1 = 0, stride2 = 0;  // meaning given where used
+};
+
+// Selective scan forward/backward (MATH.md §1). Shapes: u, delta, z, dout (Bt, D, L) with strides
+// (stride0 = batch, stride1 = channel); B/C variable (Bt, G, N, L) with strides (batch, group, state) or
+// time-invariant (D, N) fp32 with strides (channel, state); A (D, N), D/delta_bias (D,) contiguous fp32.
+struct ScanParams {
+  int batch = 0, dim = 0, seqlen = 0, dstate = 0;
+  int groups_b = 1, groups_c = 1;  // groups of variable B / C (1 for (Bt, N, L))
+  bool b_variable = true, c_variable = true, delta_softplus = false;
+  int chunk = 64;  // steps per chunk; carries are saved at chunk ends
+  int num_threads = 1;
+
+  Operand u, delta, z, B, C;
+  const float* A = nullptr;
+  const float* D = nullptr;           // optional
+  const float* delta_bias = nullptr;  // optional
+  const int32_t* ranks = nullptr;     // optional (D,): kept states per channel
+  const int32_t* kept = nullptr;      // (D, N): kept state indices first (see masks.mask_to_ranks)
+
+  // forward outputs
+  void* out = nullptr;          // (Bt, D, L) contiguous, u's dtype
+  float* carries = nullptr;     // (Bt, D, n_chunks, N) contiguous: h at the end of each chunk
+
+  // backward inputs / outputs (contiguous; gradients in their input's dtype, dA/dD/ddelta_bias fp32)
+  Operand dout;                  // (Bt, D, L)
+  const float* dlast = nullptr;  // optional (Bt, D, N) contiguous: gradient of the last state
+  void* du = nullptr;
+  void* ddelta = nullptr;
+  void* dz = nullptr;            // when z is given
+  float* dA = nullptr;
+  void* dB = nullptr;            // variable: (Bt, G, N, L) in B's dtype; invariant: (D, N) fp32
+  void* dC = nullptr;
+  float* dD = nullptr;           // when D is given
+  float* ddelta_bias = nullptr;  // when delta_bias is given
+
+  int n_chunks() const { return (seqlen + chunk - 1) / chunk; }
+};
+
+void scan_fwd(const ScanParams& p);
+void scan_bwd(const ScanParams& p);
+
+// One decode step, state updated in place. state (Bt, D, N) any strides (stride0/1/2), its own dtype;
+// x, dt, z (Bt, D) strides (batch, channel); B, C (Bt, G, N) strides (batch, group, state).
+struct StateUpdateParams {
+  int batch = 0, dim = 0, dstate = 0, groups_b = 1, groups_c = 1;
+  bool dt_softplus = false;
+  int num_threads = 1;
+  void* state = nullptr;
+  DType state_dtype = DType::f32;
+  int64_t state_stride0 = 0, state_stride1 = 0, state_stride2 = 1;
+  Operand x, dt, z, B, C;
+  const float* A = nullptr;  // (D, N) contiguous
+  const float* D = nullptr;
+  const float* dt_bias = nullptr;
+  const int32_t* ranks = nullptr;
+  const int32_t* kept = nullptr;
+  void* out = nullptr;  // (Bt, D) contiguous, x's dtype
+};
+
+void state_update(const StateUpdateParams& p);
+
+}  // namespace compressm::cpu

@@ -1,0 +1,222 @@
+"""The C++ CPU scan (backend="cpu") against the reference: outputs, every gradient, the last state, masks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from compressm_kernels import compact_scan_args, selective_scan_fn
+from compressm_kernels.ops.selective_scan import cpu
+from compressm_kernels.ops.selective_scan.inputs import check_scan_inputs
+from compressm_kernels.ops.selective_scan.interface import resolve_backend
+from scan_cases import Case, assert_close, make_inputs, run_with_grads
+
+pytestmark = pytest.mark.skipif(cpu.load_extension("_C")[0] is None, reason="compressm_kernels._C is not built")
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+NO_FLAGS = {"has_D": False, "has_z": False, "has_delta_bias": False, "delta_softplus": False}
+
+CASES = [
+    # awkward N at small D (L = 200 spans several chunks of cpu.MIN_CHUNK steps)
+    *(Case(dim=4, seqlen=200, dstate=n) for n in (1, 12, 13, 16, 64)),
+    Case(batch=1, dim=3, seqlen=63, dstate=256),
+    Case(dim=5, seqlen=1, dstate=12),
+    Case(dim=5, seqlen=63, dstate=13, **NO_FLAGS),
+    Case(dim=4, seqlen=63, dstate=8, has_z=False, return_last_state=False),
+    Case(dim=4, seqlen=63, dstate=8, has_D=False, delta_softplus=False),
+    # B/C forms
+    Case(dim=4, seqlen=130, dstate=13, groups=2, b_form="grouped", c_form="grouped"),
+    Case(dim=4, seqlen=130, dstate=12, b_form="invariant", c_form="invariant"),
+    Case(dim=6, seqlen=70, dstate=5, groups=2, b_form="invariant", c_form="grouped"),
+    Case(dim=4, seqlen=70, dstate=16, b_form="variable", c_form="invariant", has_z=False),
+    # low precision
+    Case(dim=4, seqlen=200, dstate=16, dtype=BF16),
+    Case(dim=4, seqlen=63, dstate=13, groups=2, b_form="grouped", c_form="grouped", dtype=BF16),
+    Case(dim=4, seqlen=200, dstate=16, dtype=F16),
+    Case(dim=4, seqlen=63, dstate=12, b_form="invariant", c_form="variable", dtype=F16, **NO_FLAGS),
+]
+
+
+def _detached(inputs: dict) -> dict:
+    return {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+            for k, v in inputs.items()}
+
+
+def _check_all(got: dict, ref: dict) -> None:
+    """Every output and gradient, each with the tolerance of its own dtype."""
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].dtype == ref[name].dtype, name
+        assert_close(got[name], ref[name], ref[name].dtype, name)
+
+
+@pytest.fixture(autouse=True)
+def poison_fresh_memory():
+    """Fresh torch.empty memory (the kernels' outputs) is NaN, so an unwritten element fails the test."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
+def test_poisoning_is_active() -> None:
+    assert torch.isnan(torch.empty(64)).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(case: Case) -> None:
+    inputs = make_inputs(case)
+    ref = run_with_grads(selective_scan_fn, inputs, backend="reference")
+    got = run_with_grads(selective_scan_fn, inputs, backend="cpu")
+    _check_all(got, ref)
+
+
+def test_auto_picks_cpu_for_cpu_tensors() -> None:
+    inputs = make_inputs(Case())
+    x = check_scan_inputs(*(inputs[k] for k in ("u", "delta", "A", "B", "C")))
+    assert resolve_backend(x)[0] == "cpu"
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per_channel"])
+@pytest.mark.parametrize("case", [Case(dim=4, seqlen=150, dstate=13),
+                                  Case(dim=4, seqlen=70, dstate=12, groups=2, b_form="grouped", c_form="invariant"),
+                                  Case(dim=4, seqlen=63, dstate=16, dtype=BF16)], ids=str)
+def test_mask_matches_reference(case: Case, per_channel: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand((case.dim, case.dstate) if per_channel else (case.dstate,), generator=gen) > 0.4
+    mask[..., 1] = True
+    if per_channel:
+        mask[0] = False  # a channel with no state left
+        mask[:, 2] = False  # a state no channel keeps: its variable dB/dC must be exactly 0
+    inputs = make_inputs(case)
+    ref = run_with_grads(selective_scan_fn, inputs, backend="reference", state_mask=mask)
+    got = run_with_grads(selective_scan_fn, inputs, backend="cpu", state_mask=mask)
+    _check_all(got, ref)
+    dropped = ~mask.expand(case.dim, case.dstate)
+    assert torch.all(got["dA"][dropped] == 0)
+    assert torch.all(got["last_state"][:, dropped] == 0)
+    for name in ("dB", "dC"):
+        if got[name].dim() == 2:
+            assert torch.all(got[name][dropped] == 0), name
+        elif not per_channel or name == "dB":
+            unused = ~mask.any(0) if per_channel else ~mask
+            assert torch.all(got[name][..., unused, :] == 0), name
+
+
+@pytest.mark.parametrize("case", [Case(dim=4, seqlen=150, dstate=16),
+                                  Case(dim=4, seqlen=70, dstate=13, groups=2, b_form="grouped", c_form="invariant")],
+                         ids=str)
+def test_masked_equals_compacted(case: Case) -> None:
+    """A shared mask, as (N,) and broadcast to (D, N) (the per-channel rank path), equals the scan of the
+    compacted inputs; dropped states get exactly zero gradient."""
+    mask = torch.zeros(case.dstate, dtype=torch.bool)
+    mask[torch.tensor([0, 3, 4, 7, 11])] = True
+    keep = mask.nonzero().flatten()
+    inputs = make_inputs(case)
+    small = _detached(inputs)
+    A, B, C = compact_scan_args(small["A"].detach(), small["B"].detach(), small["C"].detach(), mask)
+    small.update(A=A.requires_grad_(), B=B.requires_grad_(), C=C.requires_grad_())
+    gen = torch.Generator().manual_seed(5)
+    dout = torch.randn(2, case.dim, case.seqlen, generator=gen)
+    dlast = torch.randn(2, case.dim, case.dstate, generator=gen)
+    compact = run_with_grads(selective_scan_fn, small, cotangents=(dout, dlast[..., keep]), backend="cpu")
+    for form in (mask, mask.expand(case.dim, -1).contiguous()):
+        masked = run_with_grads(selective_scan_fn, inputs, cotangents=(dout, dlast), backend="cpu", state_mask=form)
+        for name in ("out", "du", "ddelta", "dz", "dD", "ddelta_bias"):
+            assert_close(masked[name], compact[name], F32, name)
+        assert_close(masked["last_state"][..., keep], compact["last_state"], F32, "last_state")
+        assert_close(masked["dA"][:, keep], compact["dA"], F32, "dA")
+        for name in ("dB", "dC"):
+            axis = 1 if masked[name].dim() == 2 else -2
+            assert_close(masked[name].index_select(axis, keep), compact[name], F32, name)
+            assert torch.all(masked[name].index_select(axis, (~mask).nonzero().flatten()) == 0), name
+        assert torch.all(masked["dA"][:, ~mask] == 0)
+
+
+def test_gradients_exact_to_fp32_roundoff() -> None:
+    """Kernel and reference differ only by float32 rounding (a different exp and summation order): every
+    output and gradient agrees in norm to 2e-6 relative (~17 ulps), far below the table's 1e-4."""
+    case = Case(batch=2, dim=8, seqlen=300, dstate=16, groups=2, b_form="grouped", c_form="variable")
+    inputs = make_inputs(case, seed=7)
+    ref = run_with_grads(selective_scan_fn, inputs, backend="reference")
+    got = run_with_grads(selective_scan_fn, inputs, backend="cpu")
+    for name in ref:
+        err = (got[name] - ref[name]).norm() / ref[name].norm()
+        assert err < 2e-6, f"{name}: relative error {err:.3g}"
+
+
+def test_gradient_through_last_state_only() -> None:
+    case = Case(dim=4, seqlen=100, dstate=12)
+    inputs = make_inputs(case)
+    leaves = [inputs[k] for k in ("u", "delta", "A", "B", "D", "delta_bias")]  # C, z do not reach the last state
+    cotangent = torch.randn(2, case.dim, case.dstate, generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for backend in ("reference", "cpu"):
+        last = selective_scan_fn(**inputs, backend=backend)[1]
+        grads[backend] = torch.autograd.grad((last * cotangent).sum(), leaves, allow_unused=True)
+    for name, got, ref in zip(("du", "ddelta", "dA", "dB", "dD", "ddelta_bias"), grads["cpu"], grads["reference"]):
+        if ref is None:  # D only reaches the output
+            assert got is None or torch.all(got == 0), name
+        else:
+            assert_close(got, ref, F32, name)
+
+
+def test_strided_inputs() -> None:
+    """Inputs that are views with unit-stride L but other strides (as mamba's projections make them) run
+    without copies and match contiguous inputs."""
+    case = Case(dim=4, seqlen=90, dstate=12)
+    inputs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(case).items()}
+    strided = dict(inputs)
+    for name in ("u", "delta", "z"):  # channel slices of a wider tensor
+        wide = torch.randn(2, case.dim + 3, case.seqlen)
+        wide[:, 1:case.dim + 1] = inputs[name]
+        strided[name] = wide[:, 1:case.dim + 1]
+    for name in ("B", "C"):  # state slices of a taller tensor
+        tall = torch.randn(2, case.dstate + 2, case.seqlen)
+        tall[:, 2:] = inputs[name]
+        strided[name] = tall[:, 2:]
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    ref = selective_scan_fn(**inputs, backend="cpu")
+    got = selective_scan_fn(**strided, backend="cpu")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_float64_is_refused_with_the_fix() -> None:
+    inputs = make_inputs(Case(dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        selective_scan_fn(**inputs, backend="cpu")
+
+
+def test_bad_kernel_inputs_name_the_argument() -> None:
+    inputs = make_inputs(Case(dim=4, seqlen=16, dstate=4))
+    args = {k: inputs[k].detach() for k in ("u", "delta", "A", "B", "C")}
+    before = {k: v.clone() for k, v in args.items()}
+    base = dict(args, D=None, z=None, delta_bias=None, ranks=None, kept=None, delta_softplus=False, chunk=64)
+    with pytest.raises(ValueError, match="B must have shape"):
+        cpu.selective_scan_fwd_cpu(**dict(base, B=args["B"][:, :3]))
+    with pytest.raises(ValueError, match="u must be unit-stride along L"):
+        cpu.selective_scan_fwd_cpu(**dict(base, u=args["u"].transpose(1, 2).contiguous().transpose(1, 2)))
+    with pytest.raises(TypeError, match="A must be float32"):
+        cpu.selective_scan_fwd_cpu(**dict(base, A=args["A"].double()))
+    with pytest.raises(ValueError, match="kept must hold state indices"):
+        cpu.selective_scan_fwd_cpu(**dict(base, ranks=torch.full((4,), 2, dtype=torch.int32),
+                                          kept=torch.full((4, 4), 9, dtype=torch.int32)))
+    for k, v in args.items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_custom_ops_pass_opcheck() -> None:
+    """Schemas, fake (meta) implementations and autograd registration are consistent (torch.compile relies
+    on them)."""
+    case = dataclasses.replace(Case(dim=4, seqlen=20, dstate=5), return_last_state=True)
+    inputs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(case).items()}
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    fwd = (*args, None, None, True, 8)
+    out, carries = cpu.selective_scan_fwd_cpu(*fwd)
+    torch.library.opcheck(cpu.selective_scan_fwd_cpu, fwd, test_utils=("test_schema", "test_faketensor"))
+    bwd = (*fwd, carries, torch.randn_like(out), torch.randn(2, 4, 5))
+    torch.library.opcheck(cpu.selective_scan_bwd_cpu, bwd, test_utils=("test_schema", "test_faketensor"))
