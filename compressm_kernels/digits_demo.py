@@ -75,8 +75,9 @@ class RunResult:
     losses: list[float]
     step_ms_before: float
     step_ms_after: float
-    cut_step: int | None = None
-    spectra: list[torch.Tensor] = field(default_factory=list)  # per layer, at the cut
+    cut_step: int | None = None  # the last cut
+    spectra_step: int | None = None  # the first cut, where the spectra were taken at the full N
+    spectra: list[torch.Tensor] = field(default_factory=list)  # per layer, mean over channels
     log: list[str] = field(default_factory=list)
 
 
@@ -132,7 +133,9 @@ def train_run(name: str, data: DigitsData, *, d_state: int | list[int], steps: i
             report = compressor.step()
             if report is not None and report.changed:
                 result.cut_step = step
-                result.spectra = [lp.energies.sigma.mean(dim=0) for lp in report.plan.layers]
+                if not result.spectra:
+                    result.spectra_step = step
+                    result.spectra = [lp.energies.sigma.mean(dim=0) for lp in report.plan.layers]
         _progress(name, step, steps, loss.item())
     if compressor is not None:
         compressor.close()
@@ -181,7 +184,7 @@ def plot(runs: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
         for i, spectrum in enumerate(cut.spectra):
             ax.semilogy(range(1, len(spectrum) + 1), spectrum.cpu().numpy(), marker="o", ms=3, label=f"layer {i}")
         ax.set(xlabel="index (descending)", ylabel="Hankel singular value (mean over channels)",
-               title=f"Hankel spectra at the cut (step {cut.cut_step})")
+               title=f"Hankel spectra at the first cut (step {cut.spectra_step})")
         ax.legend()
         paths.append(out_dir / "hankel_spectra.png")
         fig.tight_layout()
