@@ -213,3 +213,16 @@ def test_fast_path_refusal_falls_back_to_the_reference_for_auto() -> None:
     with pytest.raises(RuntimeError, match="A is float64"):
         selective_state_update(**dict(inputs, state=state), backend="cpu")
     assert torch.equal(state, before)
+
+
+def test_channel_with_every_state_masked_outputs_the_skip_only() -> None:
+    inputs = _step_inputs(dim=77, dstate=13)
+    state_mask = torch.rand(77, 13, generator=torch.Generator().manual_seed(3)) > 0.5
+    state_mask[5] = False  # rank 0: C·h is exactly 0, the state row is zeroed
+    ref_state = inputs["state"].clone()
+    ref = selective_state_update_ref(**dict(inputs, state=ref_state), state_mask=state_mask)
+    state = inputs["state"].clone()
+    out = selective_state_update(**dict(inputs, state=state), state_mask=state_mask, backend="cpu")
+    assert_close(out, ref, F32, "out")
+    assert_close(state, ref_state, F32, "state")
+    assert torch.all(state[:, 5] == 0)

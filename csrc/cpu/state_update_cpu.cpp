@@ -24,39 +24,6 @@ COMPRESSM_ALWAYS_INLINE void load_strided(const void* data, int64_t off, int64_t
   for (int i = 0; i < n; ++i) dst[i] = load(data, off + i * stride, t);
 }
 
-// Eight float lanes as a GCC vector (SSE pairs on the baseline ISA, one register with AVX2).
-typedef float v8f __attribute__((vector_size(32)));
-
-COMPRESSM_ALWAYS_INLINE v8f load8(const float* p) {
-  v8f v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// v[0 .. r) folded to eight lanes (lane j = Σ v[j + 8m]); v is zero-padded to a multiple of 8 first.
-COMPRESSM_ALWAYS_INLINE v8f fold8(float* __restrict v, int r) {
-  for (int k = r; k % 8 != 0; ++k) v[k] = 0.0f;
-  v8f s = load8(v);
-  for (int k0 = 8; k0 < r; k0 += 8) s += load8(v + k0);
-  return s;
-}
-
-// y[c] = Σ_j rows[c][j] for eight rows at once: three rounds of interleave-and-add (a transpose folded into
-// the sums), a few vector ops per channel instead of a serial horizontal sum each.
-COMPRESSM_ALWAYS_INLINE void sum_rows8(const v8f* rows, float* y) {
-  typedef int v8i __attribute__((vector_size(32)));
-  const v8i lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
-  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const v8i lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
-  v8f a[4], b[2];
-  for (int i = 0; i < 4; ++i) {
-    a[i] = __builtin_shuffle(rows[2 * i], rows[2 * i + 1], lo1) + __builtin_shuffle(rows[2 * i], rows[2 * i + 1], hi1);
-  }
-  for (int i = 0; i < 2; ++i) b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], lo2) + __builtin_shuffle(a[2 * i], a[2 * i + 1], hi2);
-  const v8f out = __builtin_shuffle(b[0], b[1], lo3) + __builtin_shuffle(b[0], b[1], hi3);
-  __builtin_memcpy(y, &out, sizeof(out));
-}
-
 struct BlockArgs {
   const StateUpdateParams* p;
   int b, d0, n;  // batch, first channel, channels in the block
