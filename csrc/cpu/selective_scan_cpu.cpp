@@ -118,31 +118,44 @@ struct ReverseArgs {
   float* du;
 };
 
-COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
+template <int kR>
+COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
+  const int r = kR > 0 ? kR : a.r;
   const float* __restrict A = a.A;
   float* __restrict carry = a.carry;
   float* __restrict dA = a.dA;
+  alignas(32) float part_ddelta[kMaxState + 8], part_du[kMaxState + 8];
+  v8f lanes_ddelta[kMaxChunk + 8], lanes_du[kMaxChunk + 8];  // per step, folded to eight lanes
   for (int t = a.T - 1; t >= 0; --t) {
-    const float* __restrict hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * a.r : a.h_in;
-    const float* __restrict ht = a.hist + static_cast<int64_t>(t) * a.r;
+    const float* __restrict hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * r : a.h_in;
+    const float* __restrict ht = a.hist + static_cast<int64_t>(t) * r;
     const float* __restrict Bt = a.B + t * a.ldb;
     const float* __restrict Ct = a.C + t * a.ldc;
     float* __restrict dBt = a.dB + t * a.lddb;
     float* __restrict dCt = a.dC + t * a.lddc;
     const float dy = a.dy[t], d = a.delta[t], u = a.u[t];
-    float sum_ddelta = 0.0f, sum_du = 0.0f;
-#pragma omp simd reduction(+ : sum_ddelta, sum_du)
-    for (int k = 0; k < a.r; ++k) {
+#pragma omp simd
+    for (int k = 0; k < r; ++k) {
       const StepGrads g = reverse_step(carry[k], dy, d, A[k], u, Bt[k], Ct[k], hp[k], ht[k]);
       dBt[k] += g.dB;
       dCt[k] += g.dC;
       dA[k] += g.dA;
       carry[k] = g.carry;
-      sum_ddelta += g.ddelta;
-      sum_du += g.du;
+      part_ddelta[k] = g.ddelta;
+      part_du[k] = g.du;
     }
-    a.ddelta[t] = sum_ddelta;
-    a.du[t] = sum_du;
+    lanes_ddelta[t] = fold8(part_ddelta, r);
+    lanes_du[t] = fold8(part_du, r);
+  }
+  sum_steps(lanes_ddelta, a.T, a.ddelta);
+  sum_steps(lanes_du, a.T, a.du);
+}
+
+COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
+  switch (a.r) {
+    case 8: reverse_core<8>(a); break;
+    case 16: reverse_core<16>(a); break;
+    default: reverse_core<0>(a);
   }
 }
 COMPRESSM_DISPATCH(reverse_core, ReverseArgs)
