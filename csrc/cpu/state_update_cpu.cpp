@@ -1,7 +1,8 @@
 // One decode step of the selective scan on the CPU, state updated in place. Channels are processed in blocks:
 // the per-channel scalars (Δ = softplus(dt + bias), Δ·x, the D skip, the silu gate) are computed for the whole
 // block in loops vectorised across channels, then each channel's kept states are advanced in a loop vectorised
-// across states (the same forward_step as the scan). OpenMP over blocks only when the step is big enough.
+// across states (the same forward_step as the scan), and C·h is summed eight channels at a time (sum_rows8).
+// OpenMP over blocks only when the step is big enough.
 #include <algorithm>
 
 #include <compressm/scan_recurrence.h>
@@ -22,6 +23,33 @@ COMPRESSM_ALWAYS_INLINE void load_strided(const void* data, int64_t off, int64_t
     return;
   }
   for (int i = 0; i < n; ++i) dst[i] = load(data, off + i * stride, t);
+}
+
+// One channel's kept states advanced by one step (h in place); prod[k] = C_k · h_k.
+struct StepArgs {
+  int r;
+  float delta, delta_x;
+  const float* A;
+  const float* B;
+  const float* C;
+  float* h;
+  float* prod;
+};
+
+template <int kR>  // > 0: the state count known at compile time
+COMPRESSM_ALWAYS_INLINE void advance(const StepArgs& a) {
+  const int r = kR > 0 ? kR : a.r;
+  const float* __restrict A = a.A;
+  const float* __restrict B = a.B;
+  const float* __restrict C = a.C;
+  float* __restrict h = a.h;
+  float* __restrict prod = a.prod;
+#pragma omp simd
+  for (int k = 0; k < r; ++k) {
+    const float hk = forward_step(h[k], a.delta, A[k], a.delta_x, B[k]);
+    h[k] = hk;
+    prod[k] = C[k] * hk;
+  }
 }
 
 struct BlockArgs {
@@ -82,16 +110,11 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
       if (!f32_c) C = C_buf;
       if (!f32_h) load_strided(p.state, off_h, p.state_stride2, p.state_dtype, N, h_buf), h = h_buf;
     }
-    const float* __restrict Ar = A;
-    const float* __restrict Br = B;
-    const float* __restrict Cr = C;
-    float* __restrict hr = h;
-    const float dk = delta[i], dx = delta[i] * x[i];
-#pragma omp simd
-    for (int k = 0; k < r; ++k) {
-      const float hk = forward_step(hr[k], dk, Ar[k], dx, Br[k]);
-      hr[k] = hk;
-      prod[k] = Cr[k] * hk;
+    const StepArgs step{r, delta[i], delta[i] * x[i], A, B, C, h, prod};
+    switch (r) {  // the usual compacted sizes get unrolled loops
+      case 8: advance<8>(step); break;
+      case 16: advance<16>(step); break;
+      default: advance<0>(step);
     }
     lanes[i] = fold8(prod, r);
     if (kept) {
