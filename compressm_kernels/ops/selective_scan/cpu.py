@@ -227,7 +227,8 @@ def try_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     if module is None or torch.compiler.is_compiling():
         return None
     try:
-        return module.state_update(state, x, dt, A, B, C, D, z, dt_bias, None, None, bool(dt_softplus))
+        softplus = bool(dt_softplus)
+        return module.state_update(state, x, dt, A, B, C, D, z, dt_bias, None, None, softplus)
     except (TypeError, ValueError, RuntimeError):
         return None
 
