@@ -19,6 +19,13 @@ def _median_ms(fn, repeats: int = 5) -> float:
 
 
 def demo(args: argparse.Namespace) -> None:
+    """CompreSSM on the built-in digits: full N vs cut at 10 % by Hankel energy vs born small."""
+    from .digits_demo import run_demo
+
+    run_demo(d_state=args.dstate, steps=args.steps, seeds=args.seeds, tau=args.tau, out_dir=args.out)
+
+
+def scan_demo(args: argparse.Namespace) -> None:
     """Masked vs compacted selective scans on CPU: they agree, and the compacted one is faster."""
     import torch
 
@@ -64,13 +71,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"compressm_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help=demo.__doc__)
+    p.add_argument("--dstate", type=int, default=32, help="full state size N")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per run kind (mean ± sd when > 1)")
+    p.add_argument("--tau", type=float, default=0.05, help="CompreSSM's tolerance on the Hankel spectrum")
+    p.add_argument("--out", default="demo_out", help="folder for the PNG plots")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("scan-demo", help=scan_demo.__doc__)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--dstate", type=int, default=64)
     p.add_argument("--keep", type=int, default=8)
     p.add_argument("--backend", default="auto")
-    p.set_defaults(func=demo)
+    p.set_defaults(func=scan_demo)
     p = sub.add_parser("backends", help=backends.__doc__)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=backends)

@@ -31,6 +31,9 @@ CASES = [
     Case(dim=4, seqlen=130, dstate=12, b_form="invariant", c_form="invariant"),
     Case(dim=6, seqlen=70, dstate=5, groups=2, b_form="invariant", c_form="grouped"),
     Case(dim=4, seqlen=70, dstate=16, b_form="variable", c_form="invariant", has_z=False),
+    # N = 8 and 16 run unrolled state loops: with invariant B/C too, and chunks whose length is not a multiple of 8
+    Case(dim=4, seqlen=77, dstate=8, b_form="invariant", c_form="variable"),
+    Case(dim=4, seqlen=77, dstate=16, groups=2, b_form="grouped", c_form="invariant"),
     # low precision
     Case(dim=4, seqlen=200, dstate=16, dtype=BF16),
     Case(dim=4, seqlen=63, dstate=13, groups=2, b_form="grouped", c_form="grouped", dtype=BF16),

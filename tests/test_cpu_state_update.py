@@ -129,3 +129,100 @@ def test_decode_op_passes_opcheck() -> None:
     inputs = _step_inputs(dstate=5)
     args = tuple(inputs[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")) + (None, None, True)
     torch.library.opcheck(cpu.selective_state_update_cpu, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize(("dim", "dstate", "groups"), [(77, 13, 7), (130, 16, 0), (64, 8, 2), (9, 256, 3)], ids=str)
+def test_channel_blocks_and_tails_match_reference(dim: int, dstate: int, groups: int) -> None:
+    # The kernel works on blocks of 64 channels and sums C·h eight channels at a time: partial blocks and
+    # partial groups of eight must come out right.
+    inputs = _step_inputs(dim=dim, dstate=dstate, groups=groups)
+    ref_state = inputs["state"].clone()
+    ref = selective_state_update_ref(**dict(inputs, state=ref_state))
+    state = inputs["state"].clone()
+    out = selective_state_update(**dict(inputs, state=state), backend="cpu")
+    assert_close(out, ref, F32, "out")
+    assert_close(state, ref_state, F32, "state")
+
+
+@pytest.mark.parametrize("layout", ["channel_stride", "transposed", "bf16_state_stride"])
+def test_fast_path_updates_strided_states_in_place(layout: str) -> None:
+    inputs = _step_inputs(dim=70, dstate=12)
+    # x / dt / z as non-contiguous views too: (D, Bt) buffers transposed.
+    for name in ("x", "dt", "z"):
+        inputs[name] = inputs[name].t().contiguous().t()
+    if layout == "channel_stride":
+        cache = torch.zeros(2, 140, 12)
+        state = cache[:, ::2]
+    elif layout == "transposed":
+        cache = torch.zeros(2, 12, 70)
+        state = cache.transpose(1, 2)
+    else:
+        cache = torch.zeros(2, 70, 24, dtype=BF16)
+        state = cache[..., ::2]
+    state.copy_(inputs["state"])
+    before = cache.clone()
+    ptr = state.data_ptr()
+    ref_state = state.float().clone()
+    ref = selective_state_update_ref(**dict(inputs, state=ref_state))
+    out = selective_state_update(**dict(inputs, state=state))
+    dtype = BF16 if layout == "bf16_state_stride" else F32
+    assert state.data_ptr() == ptr
+    assert_close(out, ref, F32 if dtype == F32 else BF16, "out")
+    assert_close(state.float(), ref_state, dtype, "state")
+    if layout == "channel_stride":
+        assert torch.equal(cache[:, 1::2], before[:, 1::2])
+    elif layout == "bf16_state_stride":
+        assert torch.equal(cache[..., 1::2], before[..., 1::2])
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+@pytest.mark.parametrize(("change", "error", "message"), [
+    ({"x": torch.randn(2, 5)}, ValueError, r"x must have shape \(Bt, D\)"),
+    ({"dt": torch.randn(3, 6)}, ValueError, r"dt must have shape \(Bt, D\)"),
+    ({"z": torch.randn(2, 6).int()}, TypeError, "z must be fp32/fp16/bf16/fp64"),
+    ({"A": torch.randn(6, 4)}, ValueError, r"A must have shape \(D, N\)"),
+    ({"B": torch.randn(2, 4, 5)}, ValueError, r"B must have shape \(Bt, N\)"),
+    ({"C": torch.randn(2, 4)}, ValueError, r"C must have shape \(Bt, N\)"),
+    ({"D": torch.randn(5)}, ValueError, r"D must have shape \(D,\)"),
+    ({"dt_bias": torch.randn(6, 1)}, ValueError, r"dt_bias must have shape \(D,\)"),
+    ({"x": torch.randn(2, 6, device="meta")}, ValueError, "x is on meta but state is on cpu"),
+    ({"B": "B"}, TypeError, "B must be a torch.Tensor"),
+    ({"state": torch.randn(2, 6)}, ValueError, r"state must have shape \(Bt, D, N\)"),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+def test_fast_path_rejects_bad_inputs_and_changes_nothing(backend: str, change: dict, error: type,
+                                                          message: str) -> None:
+    # The eager fast path lets the kernel check first; a refusal must still give the full path's error.
+    inputs = _step_inputs(dstate=5)
+    state = inputs["state"]
+    before = state.clone()
+    with pytest.raises(error, match=message):
+        selective_state_update(**dict(inputs, **change), backend=backend)
+    assert torch.equal(state, before)
+
+
+def test_fast_path_refusal_falls_back_to_the_reference_for_auto() -> None:
+    # float64 A: the kernel refuses it, "auto" takes the reference, "cpu" says why it cannot run.
+    inputs = _step_inputs(dstate=5)
+    inputs["A"] = inputs["A"].double()
+    ref_state = inputs["state"].clone()
+    ref = selective_state_update_ref(**dict(inputs, state=ref_state))
+    state = inputs["state"].clone()
+    assert_close(selective_state_update(**dict(inputs, state=state)), ref, F32, "out")
+    assert_close(state, ref_state, F32, "state")
+    before = state.clone()
+    with pytest.raises(RuntimeError, match="A is float64"):
+        selective_state_update(**dict(inputs, state=state), backend="cpu")
+    assert torch.equal(state, before)
+
+
+def test_channel_with_every_state_masked_outputs_the_skip_only() -> None:
+    inputs = _step_inputs(dim=77, dstate=13)
+    state_mask = torch.rand(77, 13, generator=torch.Generator().manual_seed(3)) > 0.5
+    state_mask[5] = False  # rank 0: C·h is exactly 0, the state row is zeroed
+    ref_state = inputs["state"].clone()
+    ref = selective_state_update_ref(**dict(inputs, state=ref_state), state_mask=state_mask)
+    state = inputs["state"].clone()
+    out = selective_state_update(**dict(inputs, state=state), state_mask=state_mask, backend="cpu")
+    assert_close(out, ref, F32, "out")
+    assert_close(state, ref_state, F32, "state")
+    assert torch.all(state[:, 5] == 0)

@@ -149,7 +149,15 @@ def selective_state_update(
             (raises if it cannot run) or ``"reference"``.
     Returns:
         ``(Bt, D)`` output in x's dtype.
+
+    A decode step is a few microseconds of work, so the common case (CPU tensors the kernel takes, no mask)
+    goes straight to the C++ kernel, whose checks run before anything is written; any input it refuses
+    takes the full path below, which raises the precise error or picks the reference.
     """
+    if state_mask is None and (backend == "auto" or backend == "cpu"):
+        out = cpu_backend.try_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        if out is not None:
+            return out
     args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     if backend not in ("auto", "cpu", "reference"):
         raise ValueError(f"backend must be 'auto', 'cpu' or 'reference', got {backend!r}")

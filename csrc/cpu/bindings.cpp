@@ -100,7 +100,8 @@ ScanSetup setup_scan(const Tensor& u, const Tensor& delta, const Tensor& A, cons
   const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2), dstate = A.size(1);
   TORCH_CHECK_VALUE(batch >= 1 && dim >= 1 && seqlen >= 1, "u must be non-empty, got ", shape_of(u));
   TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxState, "A must have 1 <= N <= ", kMaxState, " states, got N=", dstate);
-  TORCH_CHECK_VALUE(chunk >= 1, "chunk must be >= 1, got ", chunk);
+  // The kernels keep a chunk's per-step sums on the stack: at most kMaxState (= chunk_size's largest) steps.
+  TORCH_CHECK_VALUE(chunk >= 1 && chunk <= kMaxState, "chunk must lie in [1, ", kMaxState, "], got ", chunk);
   p.batch = batch, p.dim = dim, p.seqlen = seqlen, p.dstate = dstate;
   p.chunk = static_cast<int>(chunk);
   p.delta_softplus = delta_softplus;

@@ -68,6 +68,60 @@ inline void store_row(void* data, int64_t off, DType t, int n, const float* src)
   }
 }
 
+#define COMPRESSM_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+// ------------------------------------------------------------------- sums over states without a serial tail
+// A loop over a channel's states reduced with `omp simd reduction` ends in a serial sum of the vector lanes,
+// per step; at small N that tail costs as much as the states. Instead each step's products are folded to
+// eight lanes (fold8) and eight steps (or channels) are summed together (sum_rows8).
+
+#if defined(__GNUC__) && !defined(__clang__)
+// These helpers are always inlined, so GCC's note on the ABI of 32-byte vector returns is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+// Eight float lanes as a compiler vector (SSE pairs on the baseline ISA, one register with AVX2).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+#if defined(__clang__)
+#define COMPRESSM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define COMPRESSM_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
+
+COMPRESSM_ALWAYS_INLINE v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// v[0 .. r) folded to eight lanes (lane j = Σ v[j + 8m]); v (room for r rounded up to 8) is zero-padded.
+COMPRESSM_ALWAYS_INLINE v8f fold8(float* __restrict v, int r) {
+  if (r <= 0) return v8f{};  // a channel whose states are all masked
+  for (int k = r; k % 8 != 0; ++k) v[k] = 0.0f;
+  v8f s = load8(v);
+  for (int k0 = 8; k0 < r; k0 += 8) s += load8(v + k0);
+  return s;
+}
+
+// y[i] = Σ_j rows[i][j] for eight rows (steps or channels) at once: three rounds of interleave-and-add, a
+// transpose folded into the sums, a few vector ops per row instead of a serial horizontal sum each.
+COMPRESSM_ALWAYS_INLINE void sum_rows8(const v8f* rows, float* y) {
+  v8f a[4], b[2];
+  for (int i = 0; i < 4; ++i) {  // a[i] lanes: even/odd = partial sums of rows 2i / 2i+1
+    const v8f x = rows[2 * i], z = rows[2 * i + 1];
+    a[i] = COMPRESSM_SHUFFLE(x, z, 0, 8, 1, 9, 4, 12, 5, 13) + COMPRESSM_SHUFFLE(x, z, 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 2; ++i) {  // b[i] lanes 0-3 and 4-7: partial sums of rows 4i .. 4i+3
+    const v8f x = a[2 * i], z = a[2 * i + 1];
+    b[i] = COMPRESSM_SHUFFLE(x, z, 0, 1, 8, 9, 4, 5, 12, 13) + COMPRESSM_SHUFFLE(x, z, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  const v8f out = COMPRESSM_SHUFFLE(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                  COMPRESSM_SHUFFLE(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  __builtin_memcpy(y, &out, sizeof(out));
+}
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define COMPRESSM_TARGET_AVX2 __attribute__((target("avx2,fma")))
 inline bool cpu_has_avx2_fma() {
@@ -90,7 +144,5 @@ inline bool cpu_has_avx2_fma() {
 #define COMPRESSM_DISPATCH(name, Args) \
   void name(const Args& a) { name##_impl(a); }
 #endif
-
-#define COMPRESSM_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 }  // namespace compressm::cpu

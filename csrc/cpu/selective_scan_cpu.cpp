@@ -37,29 +37,59 @@ struct ForwardArgs {
   float* hist;
 };
 
-template <bool kHist>
+constexpr int kMaxState = 256;  // the package's MAX_DSTATE; bindings.cpp checks it
+constexpr int kMaxChunk = 256;  // steps per chunk: chunk_size(N) = max(64, N); bindings.cpp checks it
+
+// y[0 .. T) = Σ_j lanes[t][j]; lanes is zero-padded to a multiple of 8 steps first.
+COMPRESSM_ALWAYS_INLINE void sum_steps(v8f* lanes, int T, float* y) {
+  alignas(32) float tmp[8];
+  for (int t = T; t % 8 != 0; ++t) lanes[t] = v8f{};
+  for (int t0 = 0; t0 < T; t0 += 8) {
+    if (t0 + 8 <= T) {
+      sum_rows8(lanes + t0, y + t0);
+    } else {
+      sum_rows8(lanes + t0, tmp);
+      for (int t = t0; t < T; ++t) y[t] = tmp[t - t0];
+    }
+  }
+}
+
+// kR > 0: the state count known at compile time (a fully unrolled state loop, no loop control per step).
+template <bool kHist, int kR>
 COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
+  const int r = kR > 0 ? kR : a.r;
   const float* __restrict A = a.A;
   float* __restrict h = a.h;
+  alignas(32) float prod[kMaxState + 8];
+  v8f lanes[kMaxChunk + 8];  // per step, C_t·h_t folded to eight lanes
   for (int t = 0; t < a.T; ++t) {
     const float d = a.delta[t], x = a.delta_u[t];
     const float* __restrict Bt = a.B + t * a.ldb;
     const float* __restrict Ct = a.C + t * a.ldc;
-    float* __restrict ht = kHist ? a.hist + static_cast<int64_t>(t) * a.r : nullptr;
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int k = 0; k < a.r; ++k) {
+    float* __restrict ht = kHist ? a.hist + static_cast<int64_t>(t) * r : nullptr;
+#pragma omp simd
+    for (int k = 0; k < r; ++k) {
       const float hk = forward_step(h[k], d, A[k], x, Bt[k]);
       h[k] = hk;
       if (kHist) ht[k] = hk;
-      acc += Ct[k] * hk;
+      prod[k] = Ct[k] * hk;
     }
-    a.y[t] = acc;
+    lanes[t] = fold8(prod, r);
   }
+  sum_steps(lanes, a.T, a.y);
 }
 
-COMPRESSM_ALWAYS_INLINE void forward_core_impl(const ForwardArgs& a) { forward_core<false>(a); }
-COMPRESSM_ALWAYS_INLINE void forward_core_hist_impl(const ForwardArgs& a) { forward_core<true>(a); }
+// The usual compacted sizes get their own unrolled loops; other ranks take the general loop.
+template <bool kHist>
+COMPRESSM_ALWAYS_INLINE void forward_core_sized(const ForwardArgs& a) {
+  switch (a.r) {
+    case 8: forward_core<kHist, 8>(a); break;
+    case 16: forward_core<kHist, 16>(a); break;
+    default: forward_core<kHist, 0>(a);
+  }
+}
+COMPRESSM_ALWAYS_INLINE void forward_core_impl(const ForwardArgs& a) { forward_core_sized<false>(a); }
+COMPRESSM_ALWAYS_INLINE void forward_core_hist_impl(const ForwardArgs& a) { forward_core_sized<true>(a); }
 COMPRESSM_DISPATCH(forward_core, ForwardArgs)
 COMPRESSM_DISPATCH(forward_core_hist, ForwardArgs)
 
@@ -88,37 +118,50 @@ struct ReverseArgs {
   float* du;
 };
 
-COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
+template <int kR>
+COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
+  const int r = kR > 0 ? kR : a.r;
   const float* __restrict A = a.A;
   float* __restrict carry = a.carry;
   float* __restrict dA = a.dA;
+  alignas(32) float part_ddelta[kMaxState + 8], part_du[kMaxState + 8];
+  v8f lanes_ddelta[kMaxChunk + 8], lanes_du[kMaxChunk + 8];  // per step, folded to eight lanes
   for (int t = a.T - 1; t >= 0; --t) {
-    const float* __restrict hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * a.r : a.h_in;
-    const float* __restrict ht = a.hist + static_cast<int64_t>(t) * a.r;
+    const float* __restrict hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * r : a.h_in;
+    const float* __restrict ht = a.hist + static_cast<int64_t>(t) * r;
     const float* __restrict Bt = a.B + t * a.ldb;
     const float* __restrict Ct = a.C + t * a.ldc;
     float* __restrict dBt = a.dB + t * a.lddb;
     float* __restrict dCt = a.dC + t * a.lddc;
     const float dy = a.dy[t], d = a.delta[t], u = a.u[t];
-    float sum_ddelta = 0.0f, sum_du = 0.0f;
-#pragma omp simd reduction(+ : sum_ddelta, sum_du)
-    for (int k = 0; k < a.r; ++k) {
+#pragma omp simd
+    for (int k = 0; k < r; ++k) {
       const StepGrads g = reverse_step(carry[k], dy, d, A[k], u, Bt[k], Ct[k], hp[k], ht[k]);
       dBt[k] += g.dB;
       dCt[k] += g.dC;
       dA[k] += g.dA;
       carry[k] = g.carry;
-      sum_ddelta += g.ddelta;
-      sum_du += g.du;
+      part_ddelta[k] = g.ddelta;
+      part_du[k] = g.du;
     }
-    a.ddelta[t] = sum_ddelta;
-    a.du[t] = sum_du;
+    lanes_ddelta[t] = fold8(part_ddelta, r);
+    lanes_du[t] = fold8(part_du, r);
+  }
+  sum_steps(lanes_ddelta, a.T, a.ddelta);
+  sum_steps(lanes_du, a.T, a.du);
+}
+
+COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
+  switch (a.r) {
+    case 8: reverse_core<8>(a); break;
+    case 16: reverse_core<16>(a); break;
+    default: reverse_core<0>(a);
   }
 }
 COMPRESSM_DISPATCH(reverse_core, ReverseArgs)
 
 // Per-step math of one channel over T steps (vectorised across steps): delta holds the raw δ on entry and
-// Δ on exit; grad receives dΔ/dδ and delta_u Δ·u.
+// Δ on exit; grad (nullptr in the forward, which has no use for it) receives dΔ/dδ and delta_u Δ·u.
 struct DiscretizeArgs {
   int T;
   float bias;
@@ -134,16 +177,13 @@ COMPRESSM_ALWAYS_INLINE void discretize_steps_impl(const DiscretizeArgs& a) {
   float* __restrict grad = a.grad;
   float* __restrict delta_u = a.delta_u;
   const float* __restrict u = a.u;
+  if (grad) {
+    for (int t = 0; t < a.T; ++t) grad[t] = discretize_grad(delta[t], a.bias, a.softplus);
+  }
   if (a.softplus) {
-    for (int t = 0; t < a.T; ++t) {
-      grad[t] = discretize_grad(delta[t], a.bias, true);
-      delta[t] = discretize(delta[t], a.bias, true);
-    }
+    for (int t = 0; t < a.T; ++t) delta[t] = discretize(delta[t], a.bias, true);
   } else {
-    for (int t = 0; t < a.T; ++t) {
-      grad[t] = 1.0f;
-      delta[t] = discretize(delta[t], a.bias, false);
-    }
+    for (int t = 0; t < a.T; ++t) delta[t] = discretize(delta[t], a.bias, false);
   }
   for (int t = 0; t < a.T; ++t) delta_u[t] = delta[t] * u[t];
 }
@@ -289,10 +329,11 @@ struct Channel {
 };
 
 // Δ_t, Δ_t u_t, u_t (and dΔ/dδ) for steps [t0, t0 + T) of a channel.
-void load_steps(const ScanParams& p, const Channel& ch, int t0, int T, Scratch& s) {
+void load_steps(const ScanParams& p, const Channel& ch, int t0, int T, bool grad, Scratch& s) {
   load_row(p.delta.data, ch.b * p.delta.stride0 + ch.d * p.delta.stride1 + t0, p.delta.dtype, T, s.delta.data());
   load_row(p.u.data, ch.act + t0, p.u.dtype, T, s.u.data());
-  discretize_steps({T, ch.bias, p.delta_softplus, s.delta.data(), s.delta_grad.data(), s.delta_u.data(), s.u.data()});
+  float* delta_grad = grad ? s.delta_grad.data() : nullptr;
+  discretize_steps({T, ch.bias, p.delta_softplus, s.delta.data(), delta_grad, s.delta_u.data(), s.u.data()});
 }
 
 void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s) {
@@ -302,7 +343,7 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
   const int64_t off_z = p.z.data ? b * p.z.stride0 + d * p.z.stride1 : 0;
   for (int c = 0; c < n_chunks; ++c) {
     const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
-    load_steps(p, ch, t0, T, s);
+    load_steps(p, ch, t0, T, false, s);
     int64_t ldb, ldc;
     const float* Bp =
         channel_rows(B, p.b_variable, p, b, d, t0, T, ch.r, ch.kept, s.B_gather.data(), s.B_inv.data(), ldb);
@@ -339,7 +380,7 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
 
   for (int c = n_chunks - 1; c >= 0; --c) {
     const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
-    load_steps(p, ch, t0, T, s);
+    load_steps(p, ch, t0, T, true, s);
     int64_t ldb, ldc;
     const float* Bp = channel_rows(B, p.b_variable, p, b, d, t0, T, r, ch.kept, s.B_gather.data(), s.B_inv.data(), ldb);
     const float* Cp = channel_rows(C, p.c_variable, p, b, d, t0, T, r, ch.kept, s.C_gather.data(), s.C_inv.data(), ldc);

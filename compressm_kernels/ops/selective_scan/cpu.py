@@ -218,6 +218,21 @@ def state_update_unavailable_reason(tensors: dict[str, Tensor | None]) -> str | 
     return load_extension("_C")[1]
 
 
+def try_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                     z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool) -> Tensor | None:
+    """The eager C++ decode step without a mask, or ``None`` if the extension is missing, torch.compile is
+    tracing, or the kernel refuses the inputs. The kernel checks every shape, dtype and device before it
+    writes the state, so a refusal has changed nothing; the caller then runs the full checks."""
+    module = load_extension("_C")[0]
+    if module is None or torch.compiler.is_compiling():
+        return None
+    try:
+        softplus = bool(dt_softplus)
+        return module.state_update(state, x, dt, A, B, C, D, z, dt_bias, None, None, softplus)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                  z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, state_mask: Tensor | None) -> Tensor:
     """The C++ decode step on validated inputs (``state`` updated in place)."""
