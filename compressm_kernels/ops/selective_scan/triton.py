@@ -41,7 +41,7 @@ class LaunchConfig:
 
     The default keeps 4 elements of each (block_d, chunk) tile per thread: compiled for sm_90 (ptxas)
     it needs 91 registers forward and 140 backward with no spills at N=16, where block_d=4 spilled
-    in the backward. Not yet tuned on a GPU: ``bench/bench_scan.py --triton-config`` sweeps it."""
+    in the backward. Not yet tuned on a GPU: ``python -m bench scan --triton-config`` sweeps it."""
 
     block_d: int = 2
     chunk: int = 256
