@@ -5,6 +5,8 @@
   binding ``.cpp``), built when nvcc is found.
 
 Environment (no network, no git, no nvidia-smi):
+    COMPRESSM_NO_EXTENSIONS=1      build no compiled extension (pure-Python install; scripts/bootstrap.sh
+                                   compiles them in place first and then installs the package editable)
     COMPRESSM_SKIP_CUDA_BUILD=1    never build the CUDA extension
     COMPRESSM_FORCE_CUDA_BUILD=1   build it even when nvcc is not found (fails loudly instead)
     COMPRESSM_CUDA_ARCHS="8.0;9.0" compute capabilities; PTX is added for the newest
@@ -104,7 +106,7 @@ def extensions() -> tuple[list, dict]:
                 include_dirs=include_dirs,
                 # -fno-trapping-math lets GCC if-convert the float selects in the state loops (exp's range
                 # clamp) and so vectorise them; no -march: the AVX2 loops are chosen at run time (cpu_common.h).
-                extra_compile_args={"cxx": ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"]},
+                extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"]},
                 extra_link_args=["-fopenmp"],
             )
         )
@@ -124,7 +126,7 @@ def extensions() -> tuple[list, dict]:
                 "compressm_kernels._C_cuda",
                 cuda_sources,
                 include_dirs=include_dirs + _wheel_cuda_includes(),
-                extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+                extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": nvcc_flags},
             )
         )
     elif want_cuda:

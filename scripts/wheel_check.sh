@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${COMPRESSM_VENV:-.venv}/bin/python
-WHEEL_VENV=${COMPRESSM_WHEEL_VENV:-.venv-wheel}
+WHEEL_VENV=$(realpath -m "${COMPRESSM_WHEEL_VENV:-.venv-wheel}")
 rm -rf dist
 
 "$PY" -m build --sdist --no-isolation --outdir dist . >/dev/null
