@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -10,6 +11,15 @@
 #include "scan_cpu.h"
 
 namespace {
+
+// Each OpenMP region can wait a scheduler timeslice for its threads on a busy machine: a scan with less
+// than this many state-steps per thread (~100 µs of work) runs faster on one thread.
+constexpr int64_t kMinStepsPerThread = int64_t{1} << 17;
+
+int scan_threads(int64_t state_steps) {
+  const int64_t useful = state_steps / kMinStepsPerThread;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(useful, at::get_num_threads())));
+}
 
 using compressm::cpu::DType;
 using compressm::cpu::Operand;
@@ -105,7 +115,7 @@ ScanSetup setup_scan(const Tensor& u, const Tensor& delta, const Tensor& A, cons
   p.batch = batch, p.dim = dim, p.seqlen = seqlen, p.dstate = dstate;
   p.chunk = static_cast<int>(chunk);
   p.delta_softplus = delta_softplus;
-  p.num_threads = at::get_num_threads();
+  p.num_threads = scan_threads(batch * dim * seqlen * dstate);
   p.u = activation(u, "u", batch, dim, seqlen);
   p.delta = activation(delta, "delta", batch, dim, seqlen);
   s.A = param(A, "A", {dim, dstate});
