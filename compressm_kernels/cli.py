@@ -22,7 +22,7 @@ def demo(args: argparse.Namespace) -> None:
     """CompreSSM on the built-in digits: full N vs cut at 10 % by Hankel energy vs born small."""
     from .digits_demo import run_demo
 
-    run_demo(d_state=args.dstate, steps=args.steps, seeds=args.seeds, tau=args.tau, out_dir=args.out)
+    run_demo(d_state=args.dstate, d_model=args.d_model, steps=args.steps, seeds=args.seeds, tau=args.tau, out_dir=args.out)
 
 
 def scan_demo(args: argparse.Namespace) -> None:
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"compressm_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help=demo.__doc__)
-    p.add_argument("--dstate", type=int, default=32, help="full state size N")
+    p.add_argument("--dstate", type=int, default=64, help="full state size N")
+    p.add_argument("--d-model", type=int, default=64, help="model width (the scan has 2·d_model channels)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seeds", type=int, default=1, help="seeds per run kind (mean ± sd when > 1)")
     p.add_argument("--tau", type=float, default=0.05, help="CompreSSM's tolerance on the Hankel spectrum")

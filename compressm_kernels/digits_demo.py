@@ -140,9 +140,10 @@ def train_run(name: str, data: DigitsData, *, d_state: int | list[int], steps: i
     if compressor is not None:
         compressor.close()
         result.log = [f"step {e['step']}: {e['action']}" for e in compressor.log]
-    cut = result.cut_step or 0
+    # "Before" is the full model (up to the first cut), "after" the final one (from the last cut on).
+    first, last = result.spectra_step or 0, result.cut_step or 0
     skip = min(5, steps // 4)  # warm-up steps are not timed
-    before, after = times[skip:cut] or times[skip:], times[max(cut, skip):]
+    before, after = times[skip:first] or times[skip:], times[max(last, skip):]
     result.step_ms_before = 1e3 * statistics.median(before)
     result.step_ms_after = 1e3 * statistics.median(after)
     result.accuracy = _accuracy(model, data.x_test, data.y_test)
@@ -218,17 +219,19 @@ def plot(runs: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def run_demo(*, d_state: int = 32, steps: int = 400, seeds: int = 1, tau: float = 0.05,
+def run_demo(*, d_state: int = 64, d_model: int = 64, steps: int = 400, seeds: int = 1, tau: float = 0.05,
              out_dir: str | Path = "demo_out") -> dict[str, list[RunResult]]:
     """Full, CompreSSM and born-small runs for each seed; prints the table, writes plots."""
     data = load_digits_sequences()
     runs: dict[str, list[RunResult]] = {"full": [], "compressm": [], "small": []}
     for seed in range(seeds):
-        runs["full"].append(train_run("full", data, d_state=d_state, steps=steps, seed=seed))
-        cut = train_run("compressm", data, d_state=d_state, steps=steps, seed=seed, tau=tau)
+        common = {"steps": steps, "seed": seed, "d_model": d_model}
+        runs["full"].append(train_run("full", data, d_state=d_state, **common))
+        cut = train_run("compressm", data, d_state=d_state, tau=tau, **common)
         runs["compressm"].append(cut)
-        runs["small"].append(train_run("small", data, d_state=cut.final_states, steps=steps, seed=seed))
-    print(f"\nCompreSSM on digits (64-pixel sequences), N={d_state}, tau={tau}, {steps} steps, {seeds} seed(s)")
+        runs["small"].append(train_run("small", data, d_state=cut.final_states, **common))
+    print(f"\nCompreSSM on digits (64-pixel sequences), d_model={d_model}, N={d_state}, tau={tau}, {steps} steps, "
+          f"{seeds} seed(s)")
     print(summarize(runs))
     for line in runs["compressm"][0].log:
         print("  " + line)

@@ -14,7 +14,7 @@ def test_digits_are_sequences_of_pixels() -> None:
 
 
 def test_demo_runs_cuts_and_plots(tmp_path: Path, capsys) -> None:
-    runs = run_demo(d_state=8, steps=24, seeds=1, tau=0.05, out_dir=tmp_path)
+    runs = run_demo(d_state=8, d_model=16, steps=24, seeds=1, tau=0.05, out_dir=tmp_path)
     cut, small = runs["compressm"][0], runs["small"][0]
     assert cut.cut_step is not None and cut.cut_step <= 3, "the cut happens within the first 10 % of training"
     assert max(cut.final_states) < 8 and small.final_states == cut.final_states
