@@ -170,6 +170,15 @@ def summarize(runs: dict[str, list[RunResult]]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(runs: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
     """PNG plots: Hankel spectra at the cut, loss curves, accuracy vs state size."""
     import matplotlib
@@ -187,10 +196,7 @@ def plot(runs: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
         ax.set(xlabel="index (descending)", ylabel="Hankel singular value (mean over channels)",
                title=f"Hankel spectra at the first cut (step {cut.spectra_step})")
         ax.legend()
-        paths.append(out_dir / "hankel_spectra.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "hankel_spectra.png"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, results in runs.items():
         losses = torch.tensor(results[0].losses)
@@ -201,10 +207,7 @@ def plot(runs: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
         ax.axvline(cut.cut_step, color="gray", ls="--", lw=1, label="cut")
     ax.set(xlabel="step", ylabel="training loss (smoothed)", yscale="log", title="Loss curves (seed 0)")
     ax.legend()
-    paths.append(out_dir / "loss_curves.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "loss_curves.png"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, results in runs.items():
         xs = [statistics.mean(r.final_states) for r in results]
@@ -212,10 +215,7 @@ def plot(runs: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
     ax.set(xlabel="state size N (mean over layers)", ylabel="test accuracy (%)", xscale="log",
            title="Accuracy vs state size")
     ax.legend()
-    paths.append(out_dir / "accuracy_vs_state.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "accuracy_vs_state.png"))
     return paths
 
 
