@@ -115,7 +115,7 @@ def test_bad_decode_inputs_change_nothing() -> None:
     before = inputs["state"].clone()
     with pytest.raises(ValueError, match="C must have shape"):
         selective_state_update(**dict(inputs, C=torch.randn(2, 4)), backend="cpu")
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         selective_state_update(**dict(inputs, x=[1.0]), backend="cpu")
     with pytest.raises(ValueError, match="backend must be"):
         selective_state_update(**inputs, backend="gpu")
@@ -127,7 +127,7 @@ def test_bad_decode_inputs_change_nothing() -> None:
 
 def test_decode_op_passes_opcheck() -> None:
     inputs = _step_inputs(dstate=5)
-    args = tuple(inputs[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")) + (None, None, True)
+    args = (*(inputs[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")), None, None, True)
     torch.library.opcheck(cpu.selective_state_update_cpu, args, test_utils=("test_schema", "test_faketensor"))
 
 
