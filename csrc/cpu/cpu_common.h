@@ -1,6 +1,8 @@
 // Helpers shared by the CPU kernel files: dtype loads/stores (c10's header-only half types, cheap to
-// compile) and the runtime choice between an AVX2+FMA build of a hot loop and the baseline x86-64 one,
-// so a wheel built here runs on any x86-64 CPU and still uses 8-wide vectors where they exist.
+// compile), sums over states, the one-step state update eight states at a time (advance_states, used by the
+// scan forward and the decode step), and the runtime choice between an AVX2+FMA build of a hot loop and the
+// baseline x86-64 one, so a wheel built here runs on any x86-64 CPU and still uses 8-wide vectors where
+// they exist.
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -136,24 +138,24 @@ COMPRESSM_ALWAYS_INLINE v8f forward_step8(v8f h, v8f delta, v8f A, v8f delta_x, 
 // r states (f32 rows A, B, C, h) advanced by one step, h in place (and copied to hist when kHist); returns
 // C·h folded to eight lanes. Explicit 8-lane code, so the products go straight into the lane sums. A tail of
 // r % 8 states (r > 8) is the last full vector, overlapping the one before: it is computed from the old h
-// first and stored last, and only its new lanes are summed. Rows shorter than 8 go through padded copies.
+// first and stored last, and only its new lanes are summed.
 template <int kR, bool kHist = false>  // kR > 0: the state count known at compile time
 COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float delta_x, const float* __restrict A,
                                            const float* __restrict B, const float* __restrict C,
                                            float* __restrict h, float* __restrict hist = nullptr) {
   const int r = kR > 0 ? kR : r_runtime;
-  const v8f dl = v8f{} + delta, dx = v8f{} + delta_x;
-  if (r < 8) {
-    alignas(32) float a8[8] = {}, b8[8] = {}, c8[8] = {}, h8[8] = {};  // A = 0, h = B = C = 0: adds 0
-    for (int j = 0; j < r; ++j) a8[j] = A[j], b8[j] = B[j], c8[j] = C[j], h8[j] = h[j];
-    const v8f hk = forward_step8(load8(h8), dl, load8(a8), dx, load8(b8));
-    store8(h8, hk);
-    for (int j = 0; j < r; ++j) h[j] = h8[j];
-    if (kHist) {
-      for (int j = 0; j < r; ++j) hist[j] = h8[j];
+  if (r < 8) {  // fewer states than lanes: the compiler's loop (its scalar epilogue), products summed after
+    alignas(32) float prod[8] = {};
+#pragma omp simd
+    for (int k = 0; k < r; ++k) {
+      const float hk = forward_step(h[k], delta, A[k], delta_x, B[k]);
+      h[k] = hk;
+      if (kHist) hist[k] = hk;
+      prod[k] = C[k] * hk;
     }
-    return load8(c8) * hk;
+    return load8(prod);
   }
+  const v8f dl = v8f{} + delta, dx = v8f{} + delta_x;
   const int tail = r % 8, full = r - tail;
   v8f acc{}, h_last{};
   if (tail) {
