@@ -87,6 +87,7 @@ inline void store_row(void* data, int64_t off, DType t, int n, const float* src)
 // Eight float lanes as a compiler vector (SSE pairs on the baseline ISA, one register with AVX2).
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
+typedef unsigned v8u __attribute__((vector_size(32)));
 
 #if defined(__clang__)
 #define COMPRESSM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -132,7 +133,7 @@ COMPRESSM_ALWAYS_INLINE void store8(float* p, v8f v) { __builtin_memcpy(p, &v, s
 
 // h_new = ā·h + Δx·B with ā = exp(Δ·A) (forward_step, eight states at a time).
 COMPRESSM_ALWAYS_INLINE v8f forward_step8(v8f h, v8f delta, v8f A, v8f delta_x, v8f B) {
-  return exp_poly<v8f, v8i>(delta * A) * h + delta_x * B;
+  return exp_poly<v8f, v8u>(delta * A) * h + delta_x * B;
 }
 
 // r states (f32 rows A, B, C, h) advanced by one step, h in place (and copied to hist when kHist); returns

@@ -34,7 +34,7 @@ namespace compressm {
 
 // ---------------------------------------------------------------------------------------------- scalars
 
-// exp(x) in fp32 on the host, for F = float or a GCC vector of floats (I: the int type of the same shape),
+// exp(x) in fp32 on the host, for F = float or a GCC vector of floats (I: the unsigned type of that shape),
 // so the loops the compiler vectorises (F = float) and the CPU decode step's explicit 8-lane loop share one
 // implementation. Cody-Waite range reduction x = k·ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial
 // (truncation < 0.1 ulp); branch-free float/int arithmetic (GCC needs -fno-trapping-math to turn the
@@ -42,7 +42,9 @@ namespace compressm {
 template <typename F, typename I>
 __attribute__((always_inline)) inline F exp_poly(F x) {
   const F lo = F{} - 87.33f, hi = F{} + 88.0f;  // exp(lo) ~ FLT_MIN; 2^k stays finite up to hi
-  const F xc = x < lo ? lo : (x > hi ? hi : x);  // comparisons keep NaN as NaN
+  // Clamp written as max(lo, x) then min(hi, ·) with x second, so each is one maxps/minps and NaN stays NaN.
+  const F above_lo = lo > x ? lo : x;
+  const F xc = hi < above_lo ? hi : above_lo;
   // Round x/ln2 to nearest: adding 1.5·2^23 pushes the fraction out of the mantissa, leaving k in the low
   // mantissa bits of `shifted` (so k's integer is a bit difference, no float-to-int conversion).
   const F shifter = F{} + 12582912.0f;
@@ -60,7 +62,9 @@ __attribute__((always_inline)) inline F exp_poly(F x) {
   I shifted_bits, shifter_bits;
   __builtin_memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
   __builtin_memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
-  const I bits = (shifted_bits - shifter_bits + 127) << 23;  // 2^k, k in [-126, 128)
+  // 2^k = (k + 127) << 23 with k = shifted_bits - shifter_bits, as one shift and one subtraction of a
+  // constant (unsigned, so the shifts wrap); k in [-126, 128).
+  const I bits = (shifted_bits << 23) - ((shifter_bits - 127) << 23);
   F scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   const F e = p * scale;
@@ -72,7 +76,7 @@ COMPRESSM_HOST_DEVICE float exp_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
-  return exp_poly<float, int32_t>(x);
+  return exp_poly<float, uint32_t>(x);
 #endif
 }
 
