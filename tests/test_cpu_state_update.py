@@ -230,3 +230,20 @@ def test_channel_with_every_state_masked_outputs_the_skip_only() -> None:
     assert_close(out, ref, F32, "out")
     assert_close(state, ref_state, F32, "state")
     assert torch.all(state[:, 5] == 0)
+
+
+@pytest.mark.parametrize("dstate", [5, 24, 29], ids=str)  # the compiler's loop; full 8-lane vectors; a tail
+def test_decay_exp_matches_torch_over_its_range(dstate: int) -> None:
+    # The kernels' exp is a polynomial: with h = 1, x = 0 and Δ = 1 the new state is exactly exp(A), which
+    # must match torch.exp to fp32 rounding from deep underflow (exactly 0) to near overflow, and keep NaN.
+    dim = 40
+    A = torch.linspace(-100.0, 85.0, dim * dstate).reshape(dim, dstate)
+    A[3, 1] = float("nan")
+    state = torch.ones(1, dim, dstate)
+    zeros = torch.zeros(1, dstate)
+    selective_state_update(state, torch.zeros(1, dim), torch.ones(1, dim), A, zeros, zeros, backend="cpu")
+    expected = torch.exp(A)[None]
+    assert torch.isnan(state[0, 3, 1])
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(state[finite], expected[finite], rtol=3e-7, atol=1e-37)
+    assert torch.all(state[(A < -88.0)[None].expand_as(state)] == 0)
