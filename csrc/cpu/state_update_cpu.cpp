@@ -45,7 +45,51 @@ COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* 
     if (d == next_b) B += p.B.stride1, next_b += per_group_b;
     if (d == next_c) C += p.C.stride1, next_c += per_group_c;
     lanes[i] = advance_states<kN>(N, delta[i], delta[i] * x[i], p.A + static_cast<int64_t>(d) * N, B, C,
-                           h0 + d * p.state_stride1);
+                                  h0 + d * p.state_stride1);
+  }
+}
+
+// The common layout with fewer than eight states: a channel's row would fill part of a vector, so eight
+// channels share one instead (lane i = channel i0 + i, one vector per state, rows transposed through small
+// buffers) and C·h is summed across vectors, no horizontal sum. Writes y[0, n) (room for n rounded up to 8);
+// delta and x are zero-padded to a multiple of eight channels.
+COMPRESSM_ALWAYS_INLINE void channels_in_lanes(const BlockArgs& a, const float* delta, const float* x, float* y) {
+  const StateUpdateParams& p = *a.p;
+  const int N = p.dstate, b = a.b, d0 = a.d0;
+  const int per_group_b = p.dim / p.groups_b, per_group_c = p.dim / p.groups_c;
+  const float* B_row = static_cast<const float*>(p.B.data) + b * p.B.stride0 + (d0 / per_group_b) * p.B.stride1;
+  const float* C_row = static_cast<const float*>(p.C.data) + b * p.C.stride0 + (d0 / per_group_c) * p.C.stride1;
+  int next_b = (d0 / per_group_b + 1) * per_group_b, next_c = (d0 / per_group_c + 1) * per_group_c;
+  float* h0 = static_cast<float*>(p.state) + b * p.state_stride0;
+  alignas(32) float h[8][8], A[8][8], B[8][8], C[8][8];  // [state][lane]
+  for (int i0 = 0; i0 < a.n; i0 += 8) {
+    const int m = std::min(8, a.n - i0);
+    if (m < 8) {  // lanes without a channel: A = h = B = C = 0 adds 0
+      for (int k = 0; k < N; ++k) {
+        for (int i = m; i < 8; ++i) h[k][i] = A[k][i] = B[k][i] = C[k][i] = 0.0f;
+      }
+    }
+    for (int i = 0; i < m; ++i) {
+      const int d = d0 + i0 + i;
+      if (d == next_b) B_row += p.B.stride1, next_b += per_group_b;
+      if (d == next_c) C_row += p.C.stride1, next_c += per_group_c;
+      const float* row = h0 + d * p.state_stride1;
+      for (int k = 0; k < N; ++k) {
+        h[k][i] = row[k], A[k][i] = p.A[static_cast<int64_t>(d) * N + k], B[k][i] = B_row[k], C[k][i] = C_row[k];
+      }
+    }
+    const v8f dl = load8(delta + i0), dx = dl * load8(x + i0);
+    v8f acc{};
+    for (int k = 0; k < N; ++k) {
+      const v8f hk = forward_step8(load8(h[k]), dl, load8(A[k]), dx, load8(B[k]));
+      store8(h[k], hk);
+      acc += load8(C[k]) * hk;
+    }
+    store8(y + i0, acc);
+    for (int i = 0; i < m; ++i) {
+      float* row = h0 + (d0 + i0 + i) * p.state_stride1;
+      for (int k = 0; k < N; ++k) row[k] = h[k][i];
+    }
   }
 }
 
@@ -98,24 +142,29 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
     for (int i = 0; i < n; ++i) delta[i] = softplus_f32(delta[i]);
   }
 
-  // The state loop of each channel, vectorised across its kept states.
+  // The state loops, then Σ over states.
   const bool in_place = !p.kept && p.state_dtype == DType::f32 && p.state_stride2 == 1 &&
                         p.B.dtype == DType::f32 && p.B.stride2 == 1 && p.C.dtype == DType::f32 && p.C.stride2 == 1;
-  if (!in_place) {
-    channels_gathered(a, delta, x, lanes);
+  if (in_place && p.dstate < 8) {
+    for (int i = n; i % 8 != 0; ++i) delta[i] = x[i] = 0.0f;
+    channels_in_lanes(a, delta, x, y);
   } else {
-    switch (p.dstate) {  // the usual sizes get unrolled loops
-      case 8: channels_in_place<8>(a, delta, x, lanes); break;
-      case 16: channels_in_place<16>(a, delta, x, lanes); break;
-      case 32: channels_in_place<32>(a, delta, x, lanes); break;
-      case 64: channels_in_place<64>(a, delta, x, lanes); break;
-      default: channels_in_place<0>(a, delta, x, lanes);
+    if (!in_place) {
+      channels_gathered(a, delta, x, lanes);
+    } else {
+      switch (p.dstate) {  // the usual sizes get unrolled loops
+        case 8: channels_in_place<8>(a, delta, x, lanes); break;
+        case 16: channels_in_place<16>(a, delta, x, lanes); break;
+        case 32: channels_in_place<32>(a, delta, x, lanes); break;
+        case 64: channels_in_place<64>(a, delta, x, lanes); break;
+        default: channels_in_place<0>(a, delta, x, lanes);
+      }
     }
+    for (int i = n; i % 8 != 0; ++i) lanes[i] = v8f{};
+    for (int i = 0; i < n; i += 8) sum_rows8(lanes + i, y + i);
   }
 
-  // Σ over states, then the D skip and the gate, vectorised across channels.
-  for (int i = n; i % 8 != 0; ++i) lanes[i] = v8f{};
-  for (int i = 0; i < n; i += 8) sum_rows8(lanes + i, y + i);
+  // The D skip and the gate, vectorised across channels.
   if (p.D) {
     for (int i = 0; i < n; ++i) y[i] += p.D[d0 + i] * x[i];
   }
