@@ -5,9 +5,11 @@ One traversal finds the mixers (compressm's ``Mamba``, mamba_ssm's ``Mamba`` —
 ``nn.Parameter`` objects, ``A_log[:, keep]`` and the rows ``[dt] ∪ B[keep] ∪ C[keep]`` of
 ``x_proj.weight`` (MATH.md §3: slicing A alone would make mamba_ssm read the wrong C), and updates the
 state size the layer reads (``d_state`` / ``ssm_state_size``), so the user's classes, state-dict keys,
-optimizer references and generation caches (sized from that attribute) keep working. mamba_ssm and
-transformers layers are sliced in place rather than swapped for ours for exactly that reason; compressm's
-layer does its own slicing (``reduce_state``) and takes per-channel masks (``set_state_mask``).
+optimizer references and generation caches (sized from that attribute; transformers 5 sizes each layer's
+cache from the state it produces) keep working. mamba_ssm and transformers layers are sliced in place rather
+than swapped for ours for exactly that reason; compressm's layer does its own slicing (``reduce_state``) and
+takes per-channel masks (``set_state_mask``). A transformers config gets ``state_size`` = the largest layer's
+N and ``compressm_state_sizes`` = every layer's.
 
 Optimizer state is sliced the same way (every state tensor shaped like the parameter; ``step`` and
 anything scalar kept). Surgery is atomic: everything it rebinds is snapshotted first (references, not
@@ -53,6 +55,8 @@ def plan_compression(model: nn.Module, calib: Iterable[Any] | Mapping[str, Hanke
         min_rank, gate: lower bound on r; reduce only if ``r < gate · N``.
         scale: how channels are made comparable (see :mod:`compressm_kernels.hankel`).
     Under ``torch.distributed`` the moments are all-reduced first, so every rank gets the same plan.
+    ``ValueError`` for a plan that would leave transformers layers with different N where that transformers'
+    ``MambaCache`` sizes every layer by ``config.state_size`` (4.x); transformers 5 caches each layer's own N.
     """
     check_selection(tau, rank, fraction, min_rank, gate)
     if mode not in ("shared", "channel"):
@@ -82,7 +86,9 @@ def plan_compression(model: nn.Module, calib: Iterable[Any] | Mapping[str, Hanke
         energies = acc.energies(state_mask=mask)
         layers.append(plan_layer(name, mixer_kind(mixer), energies, mode=mode, tau=tau, rank=rank,
                                  fraction=fraction, min_rank=min_rank, gate=gate, state_mask=mask))
-    return CompressionPlan(layers, mode)
+    plan = CompressionPlan(layers, mode)
+    _check_hf_caches(mixers, {lp.name: lp.n_after for lp in plan.changes}, [lp.name for lp in plan.changes])
+    return plan
 
 
 class _Snapshot:
@@ -218,7 +224,7 @@ def _check_hf_caches(mixers: Mapping[str, nn.Module], sizes: Mapping[str, int], 
     may differ. Older versions (4.x) build a ``MambaCache`` of ``(Bt, D, config.state_size)`` for every layer:
     a layer with another N breaks cached generation with a bare shape error, so we refuse before cutting.
     """
-    for config, per_layer, mixer in _hf_layer_sizes(mixers, sizes, changed):
+    for _, per_layer, mixer in _hf_layer_sizes(mixers, sizes, changed):
         cache = getattr(sys.modules.get(type(mixer).__module__), "MambaCache", None)
         if cache is not None and len(set(per_layer)) > 1:
             import transformers

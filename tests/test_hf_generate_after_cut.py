@@ -11,11 +11,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 
 import pytest
 import torch
 
-from compressm_kernels import apply_plan, plan_compression, resize_for_state_dict, selective_scan_fn
+from compressm_kernels import (
+    CompreSSM,
+    apply_plan,
+    calibrate,
+    plan_compression,
+    resize_for_state_dict,
+    selective_scan_fn,
+)
 from compressm_kernels import selective_state_update as our_state_update
 from compressm_kernels.calibration import find_mixers
 from compress_models import assert_same_tensors, tensors_of
@@ -183,12 +191,16 @@ def test_second_cut_keeps_config_exact_and_reloads_with_from_pretrained(tmp_path
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), rtol=0, atol=0)
 
 
-def test_uneven_sizes_refused_where_the_cache_uses_config_state_size(monkeypatch) -> None:
-    class MambaCache:  # what transformers 4.x defines: every layer's SSM state has config.state_size states
+def _plant_config_sized_cache(monkeypatch) -> None:
+    class MambaCache:  # what transformers 4.x has: every layer's SSM state gets config.state_size states
         pass
 
-    state_dict = _cut_model().state_dict()  # N = (6, 5)
     monkeypatch.setattr(modeling_mamba, "MambaCache", MambaCache, raising=False)
+
+
+def test_uneven_sizes_refused_where_the_cache_uses_config_state_size(monkeypatch) -> None:
+    state_dict = _cut_model().state_dict()  # N = (6, 5)
+    _plant_config_sized_cache(monkeypatch)
     model = _full_model()
     before, config = tensors_of(model), dict(vars(model.config))
     with pytest.raises(ValueError, match=r"per-layer state sizes \[6, 5\].*MambaCache.*same N"):
@@ -199,3 +211,22 @@ def test_uneven_sizes_refused_where_the_cache_uses_config_state_size(monkeypatch
     assert dict(vars(model.config)) == config
     apply_plan(model, _plan((KEEP[0], KEEP[0])))  # one N for every layer is fine
     assert model.config.state_size == 6 and model.config.compressm_state_sizes == [6, 6]
+
+
+def test_uneven_plan_refused_early_and_the_schedule_skips(monkeypatch) -> None:
+    model = _full_model()
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.A_log += 2.0  # faster decay: this layer's spectrum needs another rank
+    calib = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))]
+    accs = calibrate(model, calib)
+    sizes = [lp.n_after for lp in plan_compression(model, accs, tau=0.1).layers]
+    assert sizes[0] != sizes[1] and max(sizes) < 16, sizes
+    _plant_config_sized_cache(monkeypatch)
+    with pytest.raises(ValueError, match=re.escape(f"per-layer state sizes {sizes}")):
+        plan_compression(model, accs, tau=0.1)
+    assert [lp.n_after for lp in plan_compression(model, accs, rank=8).layers] == [8, 8]
+    # In training the attempt is skipped with the reason, and training goes on.
+    sched = CompreSSM(model, None, 10, tau=0.1, at=[0.1], calib=calib)
+    assert sched.step() is None
+    assert sched.log[-1]["action"] == "skip" and "per-layer state sizes" in sched.log[-1]["reason"]
+    assert [m.A_log.shape[1] for m in find_mixers(model).values()] == [16, 16]
