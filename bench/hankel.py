@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> Bench:
     bench = Bench(f"Hankel energies, calibration batch Bt={batch} L={seqlen}, float64 moments", device=dev,
                   warmup=opt["warmup"], repeats=opt["repeats"])
     try:
-        import scipy  # noqa: F401
+        import scipy  # noqa: F401 (only probes whether scipy is installed)
     except ImportError:
         opt["scipy_max_dim"] = 0
         bench.note("skipped the scipy baseline: scipy is not installed")

@@ -131,7 +131,7 @@ def scan_callable(backend: str, device: str) -> Callable[..., torch.Tensor] | st
     if backend not in OURS:
         raise SystemExit(f"unknown backend {backend!r}; choose from {', '.join(OURS + OUTSIDE)}")
     probe = make_inputs(1, 2, 4, 2, torch.float32, device)
-    reason = interface._reason(backend, check_scan_inputs(*(probe[k] for k in "u delta A B C".split())))[1]
+    reason = interface._reason(backend, check_scan_inputs(*(probe[k] for k in ["u", "delta", "A", "B", "C"])))[1]
     if reason is not None:
         return reason
     return lambda **kw: selective_scan_fn(**kw, delta_softplus=True, backend=backend)

@@ -1,6 +1,10 @@
 """compressm_kernels: selective-scan kernels for Mamba whose state dimension shrinks while it trains."""
 
 from ._version import __version__
+from .calibration import calibrate, find_mixers
+from .hankel import HankelAccumulator, HankelEnergies, hankel_from_arrays, hankel_from_moments
+from .modules import Mamba
+from .ops.mamba_inner import mamba_inner_fn
 from .ops.selective_scan import (
     BACKENDS,
     backend_status,
@@ -9,10 +13,6 @@ from .ops.selective_scan import (
     selective_scan_fn,
     selective_scan_ref,
 )
-from .calibration import calibrate, find_mixers
-from .hankel import HankelAccumulator, HankelEnergies, hankel_from_arrays, hankel_from_moments
-from .modules import Mamba
-from .ops.mamba_inner import mamba_inner_fn
 from .ops.state_update import selective_state_update, selective_state_update_ref
 from .plan import CompressionPlan, LayerPlan
 from .schedule import CompreSSM, trainer_callback

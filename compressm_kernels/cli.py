@@ -22,7 +22,8 @@ def demo(args: argparse.Namespace) -> None:
     """CompreSSM on the built-in digits: full N vs cut at 10 % by Hankel energy vs born small."""
     from .digits_demo import run_demo
 
-    run_demo(d_state=args.dstate, d_model=args.d_model, steps=args.steps, seeds=args.seeds, tau=args.tau, out_dir=args.out)
+    run_demo(d_state=args.dstate, d_model=args.d_model, steps=args.steps, seeds=args.seeds, tau=args.tau,
+             out_dir=args.out)
 
 
 def scan_demo(args: argparse.Namespace) -> None:

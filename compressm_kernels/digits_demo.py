@@ -61,7 +61,7 @@ class DigitsMamba(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
-        for norm, layer in zip(self.norms, self.layers):
+        for norm, layer in zip(self.norms, self.layers, strict=True):
             h = h + layer(norm(h))
         return self.head(self.head_norm(h[:, -1]))  # the last pixel has seen the whole image
 
@@ -108,7 +108,7 @@ def train_run(name: str, data: DigitsData, *, d_state: int | list[int], steps: i
     torch.manual_seed(seed)
     sizes = d_state if isinstance(d_state, list) else [d_state] * n_layers
     model = DigitsMamba(d_model=d_model, n_layers=n_layers, d_state=max(sizes))
-    for layer, n in zip(model.layers, sizes):
+    for layer, n in zip(model.layers, sizes, strict=True):
         if n < layer.d_state:  # born small: a layer built at size n (its first n states' init)
             layer.reduce_state(torch.arange(n))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 # Runs from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compressm_kernels import CompreSSM, Mamba  # noqa: E402
+from compressm_kernels import CompreSSM, Mamba
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
         full_sizes = [args.n_state] * args.layers
-        for run in ("full", "compressm"):
-            if run in runs:
-                results.append(train(run, full_sizes, data, args, seed))
+        results.extend(train(run, full_sizes, data, args, seed) for run in ("full", "compressm") if run in runs)
         if "small" in runs:
             cut = next(r for r in results if r["run"] == "compressm" and r["seed"] == seed)["n_final"]
             results.append(train("small", cut, data, args, seed))

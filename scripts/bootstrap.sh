@@ -25,6 +25,8 @@ if ! have mamba_ssm 2.3.2.post1 || ! have causal_conv1d 1.7.0; then
       mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
 fi
 have_any transformers || "$PY" -m pip install -q transformers
+# The linter `bash scripts/run.sh test` runs first; pinned, since new ruff releases add findings.
+have ruff 0.17.6 || "$PY" -m pip install -q ruff==0.17.6
 
 # The compiled extensions, in place; ninja in build/ recompiles only what changed, so a second run is quick.
 mkdir -p build

@@ -114,7 +114,7 @@ def run_with_grads(fn, inputs: dict, seed: int = 1, cotangents: tuple[Tensor, ..
     if cotangents is None:
         gen = torch.Generator().manual_seed(seed)
         cotangents = tuple(torch.randn(o.shape, generator=gen).to(o.device) for o in outs)
-    loss = sum((o.float() * g).sum() for o, g in zip(outs, cotangents))
+    loss = sum((o.float() * g).sum() for o, g in zip(outs, cotangents, strict=True))
     loss.backward()
     found = {"out": outs[0].detach()}
     if len(outs) > 1:

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from compress_models import VOCAB, TinyLM, lm_loss, masked_copy, token_batches
 
+from compress_models import VOCAB, TinyLM, lm_loss, masked_copy, token_batches
 from compressm_kernels.calibration import find_mixers, scan_inputs
 from compressm_kernels.integrations import mamba_ssm as bridge
 from compressm_kernels.surgery import apply_plan, compress_model, plan_compression, resize_for_state_dict
 
-bridge.install()
+bridge.install()  # before mamba_ssm is imported: it fills in mamba_ssm's CUDA-only modules
 from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
 

@@ -161,7 +161,8 @@ def test_gradient_through_last_state_only() -> None:
     for backend in ("reference", "cpu"):
         last = selective_scan_fn(**inputs, backend=backend)[1]
         grads[backend] = torch.autograd.grad((last * cotangent).sum(), leaves, allow_unused=True)
-    for name, got, ref in zip(("du", "ddelta", "dA", "dB", "dD", "ddelta_bias"), grads["cpu"], grads["reference"]):
+    names = ("du", "ddelta", "dA", "dB", "dD", "ddelta_bias")
+    for name, got, ref in zip(names, grads["cpu"], grads["reference"], strict=True):
         if ref is None:  # D only reaches the output
             assert got is None or torch.all(got == 0), name
         else:

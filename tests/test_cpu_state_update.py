@@ -115,7 +115,7 @@ def test_bad_decode_inputs_change_nothing() -> None:
     before = inputs["state"].clone()
     with pytest.raises(ValueError, match="C must have shape"):
         selective_state_update(**dict(inputs, C=torch.randn(2, 4)), backend="cpu")
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         selective_state_update(**dict(inputs, x=[1.0]), backend="cpu")
     with pytest.raises(ValueError, match="backend must be"):
         selective_state_update(**inputs, backend="gpu")
@@ -127,14 +127,18 @@ def test_bad_decode_inputs_change_nothing() -> None:
 
 def test_decode_op_passes_opcheck() -> None:
     inputs = _step_inputs(dstate=5)
-    args = tuple(inputs[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")) + (None, None, True)
+    args = (*(inputs[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")), None, None, True)
     torch.library.opcheck(cpu.selective_state_update_cpu, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize(("dim", "dstate", "groups"), [(77, 13, 7), (130, 16, 0), (64, 8, 2), (9, 256, 3)], ids=str)
+@pytest.mark.parametrize(("dim", "dstate", "groups"), [
+    (77, 13, 7), (130, 16, 0), (64, 8, 2), (9, 256, 3),  # partial blocks, groups changing inside a block
+    (40, 7, 0), (70, 9, 5), (96, 15, 3), (64, 32, 4), (128, 64, 2), (24, 100, 0),  # state tails, unrolled N
+], ids=str)
 def test_channel_blocks_and_tails_match_reference(dim: int, dstate: int, groups: int) -> None:
-    # The kernel works on blocks of 64 channels and sums C·h eight channels at a time: partial blocks and
-    # partial groups of eight must come out right.
+    # The kernel works on blocks of 64 channels, advances states eight at a time (a row shorter than eight
+    # through padded copies, a tail as an overlapping last vector) and sums C·h eight channels at a time:
+    # partial blocks, groups, vectors and groups of eight must come out right.
     inputs = _step_inputs(dim=dim, dstate=dstate, groups=groups)
     ref_state = inputs["state"].clone()
     ref = selective_state_update_ref(**dict(inputs, state=ref_state))
@@ -226,3 +230,20 @@ def test_channel_with_every_state_masked_outputs_the_skip_only() -> None:
     assert_close(out, ref, F32, "out")
     assert_close(state, ref_state, F32, "state")
     assert torch.all(state[:, 5] == 0)
+
+
+@pytest.mark.parametrize("dstate", [5, 24, 29], ids=str)  # the compiler's loop; full 8-lane vectors; a tail
+def test_decay_exp_matches_torch_over_its_range(dstate: int) -> None:
+    # The kernels' exp is a polynomial: with h = 1, x = 0 and Δ = 1 the new state is exactly exp(A), which
+    # must match torch.exp to fp32 rounding from deep underflow (exactly 0) to near overflow, and keep NaN.
+    dim = 40
+    A = torch.linspace(-100.0, 85.0, dim * dstate).reshape(dim, dstate)
+    A[3, 1] = float("nan")
+    state = torch.ones(1, dim, dstate)
+    zeros = torch.zeros(1, dstate)
+    selective_state_update(state, torch.zeros(1, dim), torch.ones(1, dim), A, zeros, zeros, backend="cpu")
+    expected = torch.exp(A)[None]
+    assert torch.isnan(state[0, 3, 1])
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(state[finite], expected[finite], rtol=3e-7, atol=1e-37)
+    assert torch.all(state[(A < -88.0)[None].expand_as(state)] == 0)

@@ -100,9 +100,8 @@ def emulate(inputs: dict, state_mask: torch.Tensor | None, dout: torch.Tensor, d
     if x["return_last_state"]:
         found["last_state"] = carries[:, :, -1]
     found.update({"du": du, "ddelta": ddelta, "dA": dA, "dB": dB.to(B.dtype), "dC": dC.to(C.dtype)})
-    for name, grad in (("dD", dD), ("dz", dz), ("ddelta_bias", ddelta_bias)):
-        if grad is not None:
-            found[name] = grad
+    optional = {"dD": dD, "dz": dz, "ddelta_bias": ddelta_bias}
+    found.update({name: grad for name, grad in optional.items() if grad is not None})
     return found
 
 

@@ -10,7 +10,7 @@ from compressm_kernels.digits_demo import load_digits_sequences, run_demo
 def test_digits_are_sequences_of_pixels() -> None:
     data = load_digits_sequences()
     assert data.x_train.shape[1:] == (64, 1) and len(data.x_train) + len(data.x_test) == 1797
-    assert 0.0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1.0
+    assert float(data.x_train.min()) >= 0.0 and float(data.x_train.max()) <= 1.0
 
 
 def test_demo_runs_cuts_and_plots(tmp_path: Path, capsys) -> None:

@@ -39,7 +39,7 @@ def test_unknown_backend_is_rejected() -> None:
 
 
 def test_explicit_gpu_backend_on_cpu_tensors_raises_with_reason() -> None:
-    with pytest.raises(RuntimeError, match="backend='cuda' cannot run these inputs: .+"):
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run these inputs: .+"):
         selective_scan_fn(**_inputs(), backend="cuda")
 
 

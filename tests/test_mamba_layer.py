@@ -66,7 +66,7 @@ def test_checkpoint_levels_agree() -> None:
                 layer.out_proj.weight, None, -torch.exp(layer.A_log), None, None, layer.D)
         y = mamba_inner_fn(*args, delta_bias=layer.dt_proj.bias, checkpoint_lvl=lvl)
         results.append(torch.autograd.grad(y.square().sum(), [xz, layer.x_proj.weight, layer.A_log]))
-    for a, b, name in zip(*results, ("dxz", "dx_proj", "dA_log")):
+    for a, b, name in zip(*results, ("dxz", "dx_proj", "dA_log"), strict=True):
         assert_close(a, b, F32, name)
 
 

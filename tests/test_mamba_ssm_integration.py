@@ -15,7 +15,7 @@ from scan_cases import assert_close
 
 pytestmark = pytest.mark.oracle
 F32 = torch.float32
-DONE = bridge.install()
+DONE = bridge.install()  # before mamba_ssm is imported: it fills in mamba_ssm's CUDA-only modules
 
 from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
@@ -67,7 +67,7 @@ def test_selective_scan_cuda_matches_mamba_reference(seqlen: int, has_z: bool, h
         leaves = [v for v in t.values() if v is not None]
         results.append((out, last, *torch.autograd.grad(out, leaves, dout)))
     names = ["out", "last_state"] + ["d" + k for k, v in t.items() if v is not None]
-    for got, want, name in zip(*results, names):
+    for got, want, name in zip(*results, names, strict=True):
         assert_close(got, want, F32, name)
 
 
@@ -129,12 +129,12 @@ def pair(d_state: int = 8, seed: int = 0) -> tuple[MambaSSM, Mamba]:
 def test_same_seed_same_weights_and_state_dicts_load_both_ways() -> None:
     theirs, ours = pair()
     assert list(theirs.state_dict()) == list(ours.state_dict())
-    for (k, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+    for (k, a), b in zip(theirs.state_dict().items(), ours.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     other_theirs, other_ours = pair(seed=1)
     other_ours.load_state_dict(theirs.state_dict())  # mamba_ssm -> ours
     other_theirs.load_state_dict(other_ours.state_dict())  # ours -> mamba_ssm
-    for a, b in zip(theirs.state_dict().values(), other_theirs.state_dict().values()):
+    for a, b in zip(theirs.state_dict().values(), other_theirs.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -106,14 +106,14 @@ def test_per_channel_mask_gradients(case: Case) -> None:
 
     out, last = selective_scan_ref(**inputs, state_mask=mask)
     masked = dict(zip(leaves, torch.autograd.grad((out.float() * g_out).sum() + (last * g_last).sum(),
-                                                  list(leaves.values()))))
+                                                  list(leaves.values())), strict=True))
     total = 0
     for d in range(case.dim):
         keep = mask[d].nonzero().flatten()
         part = _channel_inputs(inputs, d, keep, case.dim)
         o, lst = selective_scan_ref(**part)
         total = total + (o.float() * g_out[:, d : d + 1]).sum() + (lst * g_last[:, d : d + 1][..., keep]).sum()
-    per_channel = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()))))
+    per_channel = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
     for name in leaves:
         dtype = case.dtype if name in ("u", "delta", "z") else torch.float32
         assert_close(masked[name], per_channel[name], dtype, "d" + name)

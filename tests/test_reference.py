@@ -63,7 +63,7 @@ def test_reference_gradcheck(case: Case, masked: bool) -> None:
     mask[:, 0] = True
 
     def fn(*tensors):
-        kw = dict(zip(names, tensors))
+        kw = dict(zip(names, tensors, strict=True))
         out, last = selective_scan_ref(**kw, delta_softplus=case.delta_softplus, return_last_state=True,
                                        state_mask=mask if masked else None)
         return out, last
@@ -77,7 +77,9 @@ def test_reference_float32_accumulation_for_low_precision() -> None:
     case = Case(batch=1, dim=4, seqlen=50, dstate=8, dtype=torch.bfloat16)
     inputs = make_inputs(case)
     out_bf16, last_bf16 = selective_scan_ref(**inputs)
-    as_fp32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+    as_fp32 = {
+        k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()
+    }
     out_fp32, last_fp32 = selective_scan_ref(**as_fp32)
     assert out_bf16.dtype == torch.bfloat16 and last_bf16.dtype == torch.float32
     torch.testing.assert_close(out_bf16, out_fp32.to(torch.bfloat16), rtol=0, atol=0)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from compress_models import TinyLM, lm_loss, token_batches
 
+from compress_models import TinyLM, lm_loss, token_batches
 from compressm_kernels.calibration import find_mixers
 from compressm_kernels.schedule import CompreSSM
 

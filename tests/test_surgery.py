@@ -9,9 +9,6 @@ import pytest
 import torch
 
 import compressm_kernels.surgery as surgery
-from compressm_kernels.calibration import find_mixers
-from compressm_kernels.plan import rank_from_tau
-from compressm_kernels.surgery import apply_plan, compress_model, plan_compression, resize_for_state_dict
 from compress_models import (
     assert_same_tensors,
     hf_mamba,
@@ -20,6 +17,9 @@ from compress_models import (
     tensors_of,
     token_batches,
 )
+from compressm_kernels.calibration import find_mixers
+from compressm_kernels.plan import rank_from_tau
+from compressm_kernels.surgery import apply_plan, compress_model, plan_compression, resize_for_state_dict
 
 pytest.importorskip("transformers")
 

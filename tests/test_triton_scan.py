@@ -170,7 +170,7 @@ def test_broadcast_cotangents_and_unused_outputs() -> None:
     for loss_of in (lambda o, s: o.sum() + s.sum(), lambda o, s: s.sum()):
         ours = torch.autograd.grad(loss_of(*_triton(**inputs)), leaves, allow_unused=True)
         expected = torch.autograd.grad(loss_of(*selective_scan_ref(**inputs)), leaves, allow_unused=True)
-        for g, e, leaf in zip(ours, expected, leaves):
+        for g, e, leaf in zip(ours, expected, leaves, strict=True):
             zero = torch.zeros_like(leaf)
             assert_close(zero if g is None else g, zero if e is None else e, torch.float32, "grad")
 
@@ -201,7 +201,7 @@ def test_torch_compile_traces_without_graph_breaks() -> None:
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     found = torch.autograd.grad(compiled(*leaves), leaves)
     expected = torch.autograd.grad(loss(*leaves), leaves)
-    for g, e in zip(found, expected):
+    for g, e in zip(found, expected, strict=True):
         assert_close(g, e, torch.float32, "grad")
 
 

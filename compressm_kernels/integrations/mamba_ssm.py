@@ -127,7 +127,7 @@ def bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | N
                               None, leaves.get("delta_bias"), delta_softplus)
         target = y if z is None else (y.float() * F.silu(leaves["z"].float())).to(y.dtype)
         grads = dict(zip(leaves, torch.autograd.grad(target, list(leaves.values()), dout, allow_unused=True,
-                                                     materialize_grads=True)))
+                                                     materialize_grads=True), strict=True))
     result = [grads["u"], grads["delta"], grads["A"], grads["B"], grads["C"], grads.get("D"), grads.get("delta_bias")]
     if z is not None:
         result.append(grads["z"] if dz is None else dz.copy_(grads["z"]))

@@ -44,10 +44,7 @@ def causal_conv1d_torch(
     """
     _check(x, weight, bias, activation)
     width = weight.shape[1]
-    if initial_states is None:
-        padded = F.pad(x, (width - 1, 0))
-    else:
-        padded = torch.cat([initial_states.to(x.dtype), x], dim=-1)
+    padded = F.pad(x, (width - 1, 0)) if initial_states is None else torch.cat([initial_states.to(x.dtype), x], dim=-1)
     out = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype),
                    groups=x.shape[1])
     return F.silu(out) if activation in ("silu", "swish") else out
@@ -75,7 +72,7 @@ def causal_conv1d_update_torch(
     squeeze = x.dim() == 2
     x3 = x.unsqueeze(-1) if squeeze else x
     _check(x3, weight, bias, activation)
-    width, steps, keep = weight.shape[1], x3.shape[-1], conv_state.shape[-1]
+    width, keep = weight.shape[1], conv_state.shape[-1]
     if conv_state.shape[:2] != x3.shape[:2] or keep < width - 1:
         raise ValueError(f"conv_state must have shape (Bt, D, S >= W - 1) = ({x3.shape[0]}, {x3.shape[1]}, "
                          f">= {width - 1}), got {tuple(conv_state.shape)}")

@@ -1,10 +1,19 @@
 // Helpers shared by the CPU kernel files: dtype loads/stores (c10's header-only half types, cheap to
-// compile) and the runtime choice between an AVX2+FMA build of a hot loop and the baseline x86-64 one,
-// so a wheel built here runs on any x86-64 CPU and still uses 8-wide vectors where they exist.
+// compile), sums over states, the one-step state update eight states at a time (advance_states, used by the
+// scan forward and the decode step), and the runtime choice between an AVX2+FMA build of a hot loop and the
+// baseline x86-64 one, so a wheel built here runs on any x86-64 CPU and still uses 8-wide vectors where
+// they exist.
 #pragma once
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The vector helpers here and exp_poly are always inlined, so GCC's note on the ABI of 32-byte vector returns is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <compressm/scan_recurrence.h>
 
 #include <cstdint>
 
@@ -75,14 +84,10 @@ inline void store_row(void* data, int64_t off, DType t, int n, const float* src)
 // per step; at small N that tail costs as much as the states. Instead each step's products are folded to
 // eight lanes (fold8) and eight steps (or channels) are summed together (sum_rows8).
 
-#if defined(__GNUC__) && !defined(__clang__)
-// These helpers are always inlined, so GCC's note on the ABI of 32-byte vector returns is moot.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 // Eight float lanes as a compiler vector (SSE pairs on the baseline ISA, one register with AVX2).
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
+typedef unsigned v8u __attribute__((vector_size(32)));
 
 #if defined(__clang__)
 #define COMPRESSM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -120,6 +125,57 @@ COMPRESSM_ALWAYS_INLINE void sum_rows8(const v8f* rows, float* y) {
   const v8f out = COMPRESSM_SHUFFLE(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
                   COMPRESSM_SHUFFLE(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
   __builtin_memcpy(y, &out, sizeof(out));
+}
+
+// ------------------------------------------------------------------------ one step, eight states at a time
+
+COMPRESSM_ALWAYS_INLINE void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// h_new = ā·h + Δx·B with ā = exp(Δ·A) (forward_step, eight states at a time).
+COMPRESSM_ALWAYS_INLINE v8f forward_step8(v8f h, v8f delta, v8f A, v8f delta_x, v8f B) {
+  return exp_poly<v8f, v8u>(delta * A) * h + delta_x * B;
+}
+
+// r states (f32 rows A, B, C, h) advanced by one step, h in place (and copied to hist when kHist); returns
+// C·h folded to eight lanes. Explicit 8-lane code, so the products go straight into the lane sums. A tail of
+// r % 8 states (r > 8) is the last full vector, overlapping the one before: it is computed from the old h
+// first and stored last, and only its new lanes are summed.
+template <int kR, bool kHist = false>  // kR > 0: the state count known at compile time
+COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float delta_x, const float* __restrict A,
+                                           const float* __restrict B, const float* __restrict C,
+                                           float* __restrict h, float* __restrict hist = nullptr) {
+  const int r = kR > 0 ? kR : r_runtime;
+  if (r < 8) {  // fewer states than lanes: the compiler's loop (its scalar epilogue), products summed after
+    alignas(32) float prod[8] = {};
+#pragma omp simd
+    for (int k = 0; k < r; ++k) {
+      const float hk = forward_step(h[k], delta, A[k], delta_x, B[k]);
+      h[k] = hk;
+      if (kHist) hist[k] = hk;
+      prod[k] = C[k] * hk;
+    }
+    return load8(prod);
+  }
+  const v8f dl = v8f{} + delta, dx = v8f{} + delta_x;
+  const int tail = r % 8, full = r - tail;
+  v8f acc{}, h_last{};
+  if (tail) {
+    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const v8f new_lanes = lane >= 8 - tail ? v8f{} + 1.0f : v8f{};
+    h_last = forward_step8(load8(h + r - 8), dl, load8(A + r - 8), dx, load8(B + r - 8));
+    acc = load8(C + r - 8) * h_last * new_lanes;
+  }
+  for (int k = 0; k < full; k += 8) {
+    const v8f hk = forward_step8(load8(h + k), dl, load8(A + k), dx, load8(B + k));
+    store8(h + k, hk);
+    if (kHist) store8(hist + k, hk);
+    acc += load8(C + k) * hk;
+  }
+  if (tail) {
+    store8(h + r - 8, h_last);
+    if (kHist) store8(hist + r - 8, h_last);
+  }
+  return acc;
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))

@@ -11,9 +11,7 @@
 #include <cstring>
 #include <vector>
 
-#include <compressm/scan_recurrence.h>
-
-#include "cpu_common.h"
+#include "cpu_common.h"  // includes compressm/scan_recurrence.h after its diagnostic pragma
 #include "scan_cpu.h"
 
 namespace compressm::cpu {
@@ -57,24 +55,11 @@ COMPRESSM_ALWAYS_INLINE void sum_steps(v8f* lanes, int T, float* y) {
 // kR > 0: the state count known at compile time (a fully unrolled state loop, no loop control per step).
 template <bool kHist, int kR>
 COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
-  const int r = kR > 0 ? kR : a.r;
-  const float* __restrict A = a.A;
-  float* __restrict h = a.h;
-  alignas(32) float prod[kMaxState + 8];
   v8f lanes[kMaxChunk + 8];  // per step, C_t·h_t folded to eight lanes
   for (int t = 0; t < a.T; ++t) {
-    const float d = a.delta[t], x = a.delta_u[t];
-    const float* __restrict Bt = a.B + t * a.ldb;
-    const float* __restrict Ct = a.C + t * a.ldc;
-    float* __restrict ht = kHist ? a.hist + static_cast<int64_t>(t) * r : nullptr;
-#pragma omp simd
-    for (int k = 0; k < r; ++k) {
-      const float hk = forward_step(h[k], d, A[k], x, Bt[k]);
-      h[k] = hk;
-      if (kHist) ht[k] = hk;
-      prod[k] = Ct[k] * hk;
-    }
-    lanes[t] = fold8(prod, r);
+    float* hist = kHist ? a.hist + static_cast<int64_t>(t) * a.r : nullptr;
+    lanes[t] = advance_states<kR, kHist>(a.r, a.delta[t], a.delta_u[t], a.A, a.B + t * a.ldb, a.C + t * a.ldc,
+                                         a.h, hist);
   }
   sum_steps(lanes, a.T, a.y);
 }

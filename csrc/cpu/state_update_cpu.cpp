@@ -1,13 +1,11 @@
 // One decode step of the selective scan on the CPU, state updated in place. Channels are processed in blocks:
 // the per-channel scalars (Δ = softplus(dt + bias), Δ·x, the D skip, the silu gate) are computed for the whole
-// block in loops vectorised across channels, then each channel's kept states are advanced in a loop vectorised
-// across states (the same forward_step as the scan), and C·h is summed eight channels at a time (sum_rows8).
-// OpenMP over blocks only when the step is big enough.
+// block in loops vectorised across channels; then each channel's kept states are advanced eight at a time
+// (advance_states), reading f32 rows in place when the layout allows, and C·h is summed eight channels at a
+// time (sum_rows8). OpenMP over blocks when the step is big enough.
 #include <algorithm>
 
-#include <compressm/scan_recurrence.h>
-
-#include "cpu_common.h"
+#include "cpu_common.h"  // includes compressm/scan_recurrence.h after its diagnostic pragma
 #include "scan_cpu.h"
 
 namespace compressm::cpu {
@@ -25,44 +23,66 @@ COMPRESSM_ALWAYS_INLINE void load_strided(const void* data, int64_t off, int64_t
   for (int i = 0; i < n; ++i) dst[i] = load(data, off + i * stride, t);
 }
 
-// One channel's kept states advanced by one step (h in place); prod[k] = C_k · h_k.
-struct StepArgs {
-  int r;
-  float delta, delta_x;
-  const float* A;
-  const float* B;
-  const float* C;
-  float* h;
-  float* prod;
-};
-
-template <int kR>  // > 0: the state count known at compile time
-COMPRESSM_ALWAYS_INLINE void advance(const StepArgs& a) {
-  const int r = kR > 0 ? kR : a.r;
-  const float* __restrict A = a.A;
-  const float* __restrict B = a.B;
-  const float* __restrict C = a.C;
-  float* __restrict h = a.h;
-  float* __restrict prod = a.prod;
-#pragma omp simd
-  for (int k = 0; k < r; ++k) {
-    const float hk = forward_step(h[k], a.delta, A[k], a.delta_x, B[k]);
-    h[k] = hk;
-    prod[k] = C[k] * hk;
-  }
-}
-
 struct BlockArgs {
   const StateUpdateParams* p;
   int b, d0, n;  // batch, first channel, channels in the block
 };
 
+// The common case: f32 state, B and C with unit stride along N, no per-channel mask. Each channel reads
+// its rows in place; lanes[i] = channel d0 + i's C·h folded to eight lanes.
+template <int kN>
+COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* delta, const float* x, v8f* lanes) {
+  const StateUpdateParams& p = *a.p;
+  const int N = kN > 0 ? kN : p.dstate, b = a.b, d0 = a.d0;
+  // B/C rows of the group of channel d0, and the channel where the next group starts (no division per channel).
+  const int per_group_b = p.dim / p.groups_b, per_group_c = p.dim / p.groups_c;
+  const float* B = static_cast<const float*>(p.B.data) + b * p.B.stride0 + (d0 / per_group_b) * p.B.stride1;
+  const float* C = static_cast<const float*>(p.C.data) + b * p.C.stride0 + (d0 / per_group_c) * p.C.stride1;
+  int next_b = (d0 / per_group_b + 1) * per_group_b, next_c = (d0 / per_group_c + 1) * per_group_c;
+  float* h0 = static_cast<float*>(p.state) + b * p.state_stride0;
+  for (int i = 0; i < a.n; ++i) {
+    const int d = d0 + i;
+    if (d == next_b) B += p.B.stride1, next_b += per_group_b;
+    if (d == next_c) C += p.C.stride1, next_c += per_group_c;
+    lanes[i] = advance_states<kN>(N, delta[i], delta[i] * x[i], p.A + static_cast<int64_t>(d) * N, B, C,
+                           h0 + d * p.state_stride1);
+  }
+}
+
+// Any other layout: each channel's kept states gathered to f32 buffers in kept order, advanced, scattered
+// back (masked states set to 0).
+COMPRESSM_ALWAYS_INLINE void channels_gathered(const BlockArgs& a, const float* delta, const float* x, v8f* lanes) {
+  const StateUpdateParams& p = *a.p;
+  const int N = p.dstate, b = a.b, d0 = a.d0;
+  alignas(64) float A_buf[kMaxState], B_buf[kMaxState], C_buf[kMaxState], h_buf[kMaxState];
+  for (int i = 0; i < a.n; ++i) {
+    const int d = d0 + i;
+    const int r = p.ranks ? p.ranks[d] : N;
+    const int32_t* kept = p.kept ? p.kept + static_cast<int64_t>(d) * N : nullptr;
+    const int64_t off_b = b * p.B.stride0 + (d / (p.dim / p.groups_b)) * p.B.stride1;
+    const int64_t off_c = b * p.C.stride0 + (d / (p.dim / p.groups_c)) * p.C.stride1;
+    const int64_t off_h = b * p.state_stride0 + d * p.state_stride1;
+    const float* A = p.A + static_cast<int64_t>(d) * N;
+    for (int k = 0; k < r; ++k) {
+      const int n = kept ? kept[k] : k;
+      A_buf[k] = A[n];
+      B_buf[k] = load(p.B.data, off_b + n * p.B.stride2, p.B.dtype);
+      C_buf[k] = load(p.C.data, off_c + n * p.C.stride2, p.C.dtype);
+      h_buf[k] = load(p.state, off_h + n * p.state_stride2, p.state_dtype);
+    }
+    lanes[i] = advance_states<0>(r, delta[i], delta[i] * x[i], A_buf, B_buf, C_buf, h_buf);
+    for (int k = 0; k < N; ++k) {
+      const int n = kept ? kept[k] : k;
+      store(p.state, off_h + n * p.state_stride2, p.state_dtype, k < r ? h_buf[k] : 0.0f);
+    }
+  }
+}
+
 COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
   const StateUpdateParams& p = *a.p;
-  const int N = p.dstate, b = a.b, d0 = a.d0, n = a.n;
+  const int b = a.b, d0 = a.d0, n = a.n;
   alignas(64) float x[kBlock], delta[kBlock], gate[kBlock], y[kBlock];
   v8f lanes[kBlock];  // per channel, C·h folded to eight lanes
-  alignas(64) float A_buf[kMaxState], B_buf[kMaxState], C_buf[kMaxState], h_buf[kMaxState], prod[kMaxState + 8];
 
   // Per-channel scalars, vectorised across the block's channels.
   load_strided(p.x.data, b * p.x.stride0 + d0 * p.x.stride1, p.x.stride1, p.x.dtype, n, x);
@@ -79,49 +99,17 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
   }
 
   // The state loop of each channel, vectorised across its kept states.
-  const bool f32_b = p.B.dtype == DType::f32 && p.B.stride2 == 1;
-  const bool f32_c = p.C.dtype == DType::f32 && p.C.stride2 == 1;
-  const bool f32_h = p.state_dtype == DType::f32 && p.state_stride2 == 1;
-  int group_b = -1, group_c = -1;  // the group whose B/C row the buffers hold
-  for (int i = 0; i < n; ++i) {
-    const int d = d0 + i;
-    const int r = p.ranks ? p.ranks[d] : N;
-    const int32_t* kept = p.kept ? p.kept + static_cast<int64_t>(d) * N : nullptr;
-    const int gb = p.groups_b == 1 ? 0 : d / (p.dim / p.groups_b);
-    const int gc = p.groups_c == 1 ? 0 : d / (p.dim / p.groups_c);
-    const int64_t off_b = b * p.B.stride0 + gb * p.B.stride1, off_c = b * p.C.stride0 + gc * p.C.stride1;
-    const int64_t off_h = b * p.state_stride0 + d * p.state_stride1;
-    const float* A = p.A + static_cast<int64_t>(d) * N;
-    const float* B = static_cast<const float*>(p.B.data) + off_b;
-    const float* C = static_cast<const float*>(p.C.data) + off_c;
-    float* h = static_cast<float*>(p.state) + off_h;
-    if (kept) {  // kept states first: gather everything to kept order
-      for (int k = 0; k < r; ++k) {
-        A_buf[k] = A[kept[k]];
-        B_buf[k] = load(p.B.data, off_b + kept[k] * p.B.stride2, p.B.dtype);
-        C_buf[k] = load(p.C.data, off_c + kept[k] * p.C.stride2, p.C.dtype);
-        h_buf[k] = load(p.state, off_h + kept[k] * p.state_stride2, p.state_dtype);
-      }
-      A = A_buf, B = B_buf, C = C_buf, h = h_buf;
-    } else {
-      if (!f32_b && gb != group_b) load_strided(p.B.data, off_b, p.B.stride2, p.B.dtype, N, B_buf), group_b = gb;
-      if (!f32_c && gc != group_c) load_strided(p.C.data, off_c, p.C.stride2, p.C.dtype, N, C_buf), group_c = gc;
-      if (!f32_b) B = B_buf;
-      if (!f32_c) C = C_buf;
-      if (!f32_h) load_strided(p.state, off_h, p.state_stride2, p.state_dtype, N, h_buf), h = h_buf;
-    }
-    const StepArgs step{r, delta[i], delta[i] * x[i], A, B, C, h, prod};
-    switch (r) {  // the usual compacted sizes get unrolled loops
-      case 8: advance<8>(step); break;
-      case 16: advance<16>(step); break;
-      default: advance<0>(step);
-    }
-    lanes[i] = fold8(prod, r);
-    if (kept) {
-      for (int k = 0; k < r; ++k) store(p.state, off_h + kept[k] * p.state_stride2, p.state_dtype, h_buf[k]);
-      for (int k = r; k < N; ++k) store(p.state, off_h + kept[k] * p.state_stride2, p.state_dtype, 0.0f);  // masked
-    } else if (!f32_h) {
-      for (int k = 0; k < N; ++k) store(p.state, off_h + k * p.state_stride2, p.state_dtype, h_buf[k]);
+  const bool in_place = !p.kept && p.state_dtype == DType::f32 && p.state_stride2 == 1 &&
+                        p.B.dtype == DType::f32 && p.B.stride2 == 1 && p.C.dtype == DType::f32 && p.C.stride2 == 1;
+  if (!in_place) {
+    channels_gathered(a, delta, x, lanes);
+  } else {
+    switch (p.dstate) {  // the usual sizes get unrolled loops
+      case 8: channels_in_place<8>(a, delta, x, lanes); break;
+      case 16: channels_in_place<16>(a, delta, x, lanes); break;
+      case 32: channels_in_place<32>(a, delta, x, lanes); break;
+      case 64: channels_in_place<64>(a, delta, x, lanes); break;
+      default: channels_in_place<0>(a, delta, x, lanes);
     }
   }
 

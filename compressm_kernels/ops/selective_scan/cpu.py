@@ -12,8 +12,6 @@ per-channel ranks and kept indices (:func:`mask_to_ranks`), so the kernel's stat
 states only.
 """
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -47,11 +45,11 @@ def selective_scan_fwd_cpu(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor],  # noqa: UP045 (torch.library parses these annotations)
-    z: Optional[Tensor],  # noqa: UP045
-    delta_bias: Optional[Tensor],  # noqa: UP045
-    ranks: Optional[Tensor],  # noqa: UP045
-    kept: Optional[Tensor],  # noqa: UP045
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    ranks: Tensor | None,
+    kept: Tensor | None,
     delta_softplus: bool,
     chunk: int,
 ) -> tuple[Tensor, Tensor]:
@@ -75,16 +73,16 @@ def selective_scan_bwd_cpu(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor],  # noqa: UP045
-    z: Optional[Tensor],  # noqa: UP045
-    delta_bias: Optional[Tensor],  # noqa: UP045
-    ranks: Optional[Tensor],  # noqa: UP045
-    kept: Optional[Tensor],  # noqa: UP045
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    ranks: Tensor | None,
+    kept: Tensor | None,
     delta_softplus: bool,
     chunk: int,
     carries: Tensor,
     dout: Tensor,
-    dlast: Optional[Tensor],  # noqa: UP045
+    dlast: Tensor | None,
 ) -> list[Tensor]:
     """``[du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]``, each in its input's dtype (0-element when the
     input is absent); invariant B/C and A, D, delta_bias get fp32 gradients."""
@@ -123,11 +121,11 @@ def selective_state_update_cpu(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    D: Optional[Tensor],  # noqa: UP045
-    z: Optional[Tensor],  # noqa: UP045
-    dt_bias: Optional[Tensor],  # noqa: UP045
-    ranks: Optional[Tensor],  # noqa: UP045
-    kept: Optional[Tensor],  # noqa: UP045
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    ranks: Tensor | None,
+    kept: Tensor | None,
     dt_softplus: bool,
 ) -> Tensor:
     """One decode step: ``state`` updated in place, returns ``(Bt, D)`` in x's dtype."""

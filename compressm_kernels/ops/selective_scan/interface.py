@@ -128,7 +128,8 @@ def selective_scan_fn(
     """
     x = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, state_mask)
     x = dataclasses.replace(
-        x, u=_unit_stride(x.u), delta=_unit_stride(x.delta), B=_unit_stride(x.B), C=_unit_stride(x.C), z=_unit_stride(x.z)
+        x, u=_unit_stride(x.u), delta=_unit_stride(x.delta), B=_unit_stride(x.B), C=_unit_stride(x.C),
+        z=_unit_stride(x.z),
     )
     _, module = resolve_backend(x, backend)
     out, last_state = module.scan(x)

@@ -161,7 +161,7 @@ def scan_fwd_kernel(
     rank_d, bound = _loop_bound(rank_ptr, offs_d, d_ok, N, MASK_MODE)
 
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # carries of all slots
-    for c in range(0, n_chunks):
+    for c in range(n_chunks):
         t = c * CHUNK + offs_t
         t_ok = t < L
         ok2 = d_ok[:, None] & t_ok[None, :]
@@ -175,7 +175,7 @@ def scan_fwd_kernel(
         dt = tl.where(ok2, dt, 0.0)  # past L: decay 1, drive 0, so the last column holds h[L-1]
         dtu = dt * u
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
-        for j in range(0, bound):
+        for j in range(bound):
             n, live = _slot_state(kept_ptr, rank_d, offs_d, d_ok, j, N, MASK_MODE)
             a = tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=d_ok, other=0.0) * _LOG2E
             bv = _load_bc(B_ptr, s_B_0, s_B_1, s_B_n, b, g_b, offs_d, d_ok, n, t, t_ok, live, B_VAR, MASK_MODE)
@@ -248,7 +248,7 @@ def scan_bwd_kernel(
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
-    for cc in range(0, n_chunks):
+    for cc in range(n_chunks):
         c = n_chunks - 1 - cc
         t = c * CHUNK + offs_t
         t_ok = t < L
@@ -285,7 +285,7 @@ def scan_bwd_kernel(
             du = dy * d_skip[:, None]
         ddt = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
 
-        for j in range(0, bound):
+        for j in range(bound):
             n, live = _slot_state(kept_ptr, rank_d, offs_d, d_ok, j, N, MASK_MODE)
             a_nat = tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=d_ok, other=0.0)
             a = a_nat * _LOG2E

@@ -34,21 +34,24 @@ namespace compressm {
 
 // ---------------------------------------------------------------------------------------------- scalars
 
-// exp(x) in fp32. On the device: the hardware instruction. On the host: Cody-Waite range reduction
-// x = k·ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial (truncation < 0.1 ulp), all branch-free
-// float/int arithmetic so a loop over states vectorises (a scalar libm call per state would not; GCC
-// needs -fno-trapping-math to turn the selects below into vector blends).
-COMPRESSM_HOST_DEVICE float exp_f32(float x) {
-#if defined(__CUDA_ARCH__)
-  return __expf(x);
-#else
-  const float lo = -87.33f, hi = 88.0f;  // exp(lo) ~ FLT_MIN; 2^k stays finite up to hi
-  const float xc = x < lo ? lo : (x > hi ? hi : x);  // comparisons keep NaN as NaN
-  // Round x/ln2 to nearest: adding 1.5·2^23 pushes the fraction out of the mantissa.
-  const float shifter = 12582912.0f;
-  const float k = (xc * 1.44269504088896341f + shifter) - shifter;
-  const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.12194440e-4
-  float p = 1.0f / 5040.0f;
+// exp(x) in fp32 on the host, for F = float or a GCC vector of floats (I: the unsigned type of that shape),
+// so the loops the compiler vectorises (F = float) and the CPU decode step's explicit 8-lane loop share one
+// implementation. Cody-Waite range reduction x = k·ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial
+// (truncation < 0.1 ulp); branch-free float/int arithmetic (GCC needs -fno-trapping-math to turn the
+// selects into vector blends). Only the float instance is ever compiled by nvcc's host pass.
+template <typename F, typename I>
+__attribute__((always_inline)) inline F exp_poly(F x) {
+  const F lo = F{} - 87.33f, hi = F{} + 88.0f;  // exp(lo) ~ FLT_MIN; 2^k stays finite up to hi
+  // Clamp written as max(lo, x) then min(hi, ·) with x second, so each is one maxps/minps and NaN stays NaN.
+  const F above_lo = lo > x ? lo : x;
+  const F xc = hi < above_lo ? hi : above_lo;
+  // Round x/ln2 to nearest: adding 1.5·2^23 pushes the fraction out of the mantissa, leaving k in the low
+  // mantissa bits of `shifted` (so k's integer is a bit difference, no float-to-int conversion).
+  const F shifter = F{} + 12582912.0f;
+  const F shifted = xc * 1.44269504088896341f + shifter;
+  const F k = shifted - shifter;
+  const F r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.12194440e-4
+  F p = F{} + 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -56,11 +59,24 @@ COMPRESSM_HOST_DEVICE float exp_f32(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 128)
-  float scale;
+  I shifted_bits, shifter_bits;
+  __builtin_memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  __builtin_memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
+  // 2^k = (k + 127) << 23 with k = shifted_bits - shifter_bits, as one shift and one subtraction of a
+  // constant (unsigned, so the shifts wrap); k in [-126, 128).
+  const I bits = (shifted_bits << 23) - ((shifter_bits - 127) << 23);
+  F scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  const float e = p * scale;
-  return x < lo ? 0.0f : e;  // underflow to 0 like expf (ā h would otherwise keep a ~1e-38 residue)
+  const F e = p * scale;
+  return x < lo ? F{} : e;  // underflow to 0 like expf (ā h would otherwise keep a ~1e-38 residue)
+}
+
+// exp(x) in fp32: the hardware instruction on the device, exp_poly on the host.
+COMPRESSM_HOST_DEVICE float exp_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  return exp_poly<float, uint32_t>(x);
 #endif
 }
 
