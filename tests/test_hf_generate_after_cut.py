@@ -16,6 +16,7 @@ import re
 import pytest
 import torch
 
+from compress_models import assert_same_tensors, tensors_of
 from compressm_kernels import (
     CompreSSM,
     apply_plan,
@@ -26,7 +27,6 @@ from compressm_kernels import (
 )
 from compressm_kernels import selective_state_update as our_state_update
 from compressm_kernels.calibration import find_mixers
-from compress_models import assert_same_tensors, tensors_of
 
 transformers = pytest.importorskip("transformers")
 modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
@@ -170,9 +170,8 @@ def test_cache_from_before_the_cut_is_not_used_silently(monkeypatch, path) -> No
     with torch.no_grad():
         cache = model(prompt, use_cache=True).cache  # 16 states per layer
     apply_plan(model, _plan(KEEP))
-    with pytest.raises((RuntimeError, ValueError)):
-        with torch.no_grad():
-            model(prompt[:, :1], cache=cache, use_cache=True)
+    with pytest.raises((RuntimeError, ValueError)), torch.no_grad():
+        model(prompt[:, :1], cache=cache, use_cache=True)
 
 
 def test_second_cut_keeps_config_exact_and_reloads_with_from_pretrained(tmp_path) -> None:
