@@ -40,6 +40,15 @@ _HF_KERNELS = ("mamba_selective_scan", "mamba_selective_state_update", "causal_c
 _BASE: dict[str, object] = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny: a second intra-op thread only adds hand-offs (many times slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _full_model() -> torch.nn.Module:
     """Tiny MambaForCausalLM (N = 16) and a plan for it, built once; fresh copies per call."""
     if not _BASE:
