@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import inspect
 import re
 
@@ -88,16 +89,40 @@ def _our_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
     return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
+def _kwargs_it_takes(fn):
+    """Drop the keyword arguments ``fn`` does not declare, as HF's wrapper does for an outside implementation."""
+    params = inspect.signature(fn).parameters
+
+    def call(*args, **kwargs):
+        return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+    return call
+
+
+def _kernels(path: str) -> dict:
+    """Replacements for HF's scan and decode step: none (its torch code), ours, or mamba_ssm's on our bridge."""
+    if path == "compressm":
+        return {"mamba_selective_scan": _our_scan, "mamba_selective_state_update": our_state_update}
+    if path == "mamba_ssm":  # what HF itself picks when mamba_ssm imported first (install() makes it importable)
+        from compressm_kernels.integrations import mamba_ssm as bridge
+
+        bridge.install()
+        scan = importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
+        step = importlib.import_module("mamba_ssm.ops.triton.selective_state_update").selective_state_update
+        return {"mamba_selective_scan": _kwargs_it_takes(scan), "mamba_selective_state_update": _kwargs_it_takes(step)}
+    return {}
+
+
 def _use_kernels(monkeypatch, path: str) -> dict[str, int]:
-    """Point HF's mixer at its own torch functions (``hf_torch``) or at ours (``compressm``); returns call counts.
+    """Point HF's mixer at its own torch functions (``hf_torch``) or at another path's; returns call counts.
 
     Which one HF picks by itself depends on whether ``mamba_ssm`` imported before it (our integration makes it
-    importable), so both are pinned here.
+    importable), so every path is pinned here.
     """
-    calls = {name: 0 for name in _HF_KERNELS}
-    ours = {"mamba_selective_scan": _our_scan, "mamba_selective_state_update": our_state_update}
+    calls = dict.fromkeys(_HF_KERNELS, 0)
+    ours = _kernels(path)
     for name in _HF_KERNELS:
-        fn = ours[name] if path == "compressm" and name in ours else inspect.unwrap(getattr(modeling_mamba, name))
+        fn = ours.get(name) or inspect.unwrap(getattr(modeling_mamba, name))
 
         def counted(*args, _fn=fn, _name=name, **kwargs):
             calls[_name] += 1
@@ -121,7 +146,7 @@ def _generate(model, prompt: torch.Tensor, **kwargs):
                           use_cache=True, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
-@pytest.mark.parametrize("path", ["hf_torch", "compressm"])
+@pytest.mark.parametrize("path", ["hf_torch", "compressm", "mamba_ssm"])
 def test_cached_generate_equals_no_cache_argmax_loop(monkeypatch, path) -> None:
     calls = _use_kernels(monkeypatch, path)
     model = _cut_model()
@@ -141,12 +166,13 @@ def test_cached_generate_equals_no_cache_argmax_loop(monkeypatch, path) -> None:
     assert calls["mamba_selective_scan"] > 0 and calls["mamba_selective_state_update"] >= NEW - 1
 
 
-def test_our_kernels_match_hf_torch_path(monkeypatch) -> None:
+@pytest.mark.parametrize("path", ["compressm", "mamba_ssm"])
+def test_our_kernels_match_hf_torch_path(monkeypatch, path) -> None:
     model = _cut_model()
     prompt = _prompt()
     _use_kernels(monkeypatch, "hf_torch")
     ref = _generate(model, prompt)
-    _use_kernels(monkeypatch, "compressm")
+    _use_kernels(monkeypatch, path)
     out = _generate(model, prompt)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), rtol=1e-5, atol=1e-5)
