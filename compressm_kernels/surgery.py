@@ -332,6 +332,10 @@ def resize_for_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
         model = build_model(config)               # full size
         resize_for_state_dict(model, state_dict)  # per-layer N from the checkpoint
         model.load_state_dict(state_dict)
+
+    (a transformers model saved with uneven N: ``MambaForCausalLM(MambaConfig.from_pretrained(path))`` and
+    the checkpoint's ``model.safetensors``; ``from_pretrained`` alone builds every layer at ``config.state_size``).
+    Nothing changes if any size is refused (see :func:`plan_compression` for transformers 4.x).
     """
     sizes = state_sizes(state_dict)
     mixers = find_mixers(model)

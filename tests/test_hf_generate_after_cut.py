@@ -225,6 +225,24 @@ def test_second_cut_keeps_config_exact_and_reloads_with_from_pretrained(tmp_path
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), rtol=0, atol=0)
 
 
+def test_uneven_checkpoint_loads_through_resize_for_state_dict(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    model = _cut_model()  # N = (6, 5): config.state_size = 6 cannot describe layer 1
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # loud, not a silent re-initialisation
+        transformers.MambaForCausalLM.from_pretrained(tmp_path)
+    fresh = transformers.MambaForCausalLM(transformers.MambaConfig.from_pretrained(tmp_path)).eval()
+    state_dict = load_file(tmp_path / "model.safetensors")
+    assert resize_for_state_dict(fresh, state_dict) == {"backbone.layers.1.mixer": 5}
+    fresh.load_state_dict(state_dict)
+    assert fresh.config.compressm_state_sizes == [6, 5]
+    prompt = _prompt()
+    out, ref = _generate(fresh, prompt), _generate(model, prompt)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(ref.logits, 1), rtol=0, atol=0)
+
+
 def _plant_config_sized_cache(monkeypatch) -> None:
     class MambaCache:  # what transformers 4.x has: every layer's SSM state gets config.state_size states
         pass
