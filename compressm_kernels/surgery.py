@@ -5,9 +5,11 @@ One traversal finds the mixers (compressm's ``Mamba``, mamba_ssm's ``Mamba`` —
 ``nn.Parameter`` objects, ``A_log[:, keep]`` and the rows ``[dt] ∪ B[keep] ∪ C[keep]`` of
 ``x_proj.weight`` (MATH.md §3: slicing A alone would make mamba_ssm read the wrong C), and updates the
 state size the layer reads (``d_state`` / ``ssm_state_size``), so the user's classes, state-dict keys,
-optimizer references and generation caches (sized from that attribute) keep working. mamba_ssm and
-transformers layers are sliced in place rather than swapped for ours for exactly that reason; compressm's
-layer does its own slicing (``reduce_state``) and takes per-channel masks (``set_state_mask``).
+optimizer references and generation caches (sized from that attribute; transformers 5 sizes each layer's
+cache from the state it produces) keep working. mamba_ssm and transformers layers are sliced in place rather
+than swapped for ours for exactly that reason; compressm's layer does its own slicing (``reduce_state``) and
+takes per-channel masks (``set_state_mask``). A transformers config gets ``state_size`` = the largest layer's
+N and ``compressm_state_sizes`` = every layer's.
 
 Optimizer state is sliced the same way (every state tensor shaped like the parameter; ``step`` and
 anything scalar kept). Surgery is atomic: everything it rebinds is snapshotted first (references, not
@@ -16,6 +18,7 @@ copies) and restored if any step fails, so model and optimizer are exactly as be
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +55,8 @@ def plan_compression(model: nn.Module, calib: Iterable[Any] | Mapping[str, Hanke
         min_rank, gate: lower bound on r; reduce only if ``r < gate · N``.
         scale: how channels are made comparable (see :mod:`compressm_kernels.hankel`).
     Under ``torch.distributed`` the moments are all-reduced first, so every rank gets the same plan.
+    ``ValueError`` for a plan that would leave transformers layers with different N where that transformers'
+    ``MambaCache`` sizes every layer by ``config.state_size`` (4.x); transformers 5 caches each layer's own N.
     """
     check_selection(tau, rank, fraction, min_rank, gate)
     if mode not in ("shared", "channel"):
@@ -81,7 +86,9 @@ def plan_compression(model: nn.Module, calib: Iterable[Any] | Mapping[str, Hanke
         energies = acc.energies(state_mask=mask)
         layers.append(plan_layer(name, mixer_kind(mixer), energies, mode=mode, tau=tau, rank=rank,
                                  fraction=fraction, min_rank=min_rank, gate=gate, state_mask=mask))
-    return CompressionPlan(layers, mode)
+    plan = CompressionPlan(layers, mode)
+    _check_hf_caches(mixers, {lp.name: lp.n_after for lp in plan.changes}, [lp.name for lp in plan.changes])
+    return plan
 
 
 class _Snapshot:
@@ -187,18 +194,53 @@ def _slice_optimizer_state(optimizer: torch.optim.Optimizer, slices) -> None:
         optimizer.state[p] = new
 
 
-def _fix_configs(mixers: Mapping[str, nn.Module]) -> list[object]:
-    """transformers keeps the state size in a shared config: record per-layer sizes there (returns configs touched)."""
-    touched = {}
-    for mixer in mixers.values():
-        config = getattr(mixer, "config", None)
-        if config is not None and hasattr(config, "state_size") and hasattr(mixer, "layer_idx"):
-            touched.setdefault(id(config), (config, {}))[1][mixer.layer_idx] = mixer.A_log.shape[1]
-    for config, sizes in touched.values():
-        per_layer = [sizes.get(i, config.state_size) for i in range(max(sizes) + 1)]
+def _hf_config(mixer: nn.Module) -> Any | None:
+    """The shared transformers config a mixer reads its state size from, else ``None``."""
+    config = getattr(mixer, "config", None)
+    return config if hasattr(config, "state_size") and hasattr(mixer, "layer_idx") else None
+
+
+def _hf_layer_sizes(mixers: Mapping[str, nn.Module], sizes: Mapping[str, int], changed: Iterable[str]
+                    ) -> list[tuple[Any, list[int], nn.Module]]:
+    """(config, N of every layer, one mixer) for each transformers config a ``changed`` mixer reads.
+
+    Every mixer on the config counts, not only the changed ones (a second cut may touch one layer of an
+    already uneven model); ``sizes`` overrides the current N of the mixers it names.
+    """
+    configs = {id(c): c for c in (_hf_config(mixers[n]) for n in changed) if c is not None}
+    out = []
+    for config in configs.values():
+        on_config = {name: m for name, m in mixers.items() if _hf_config(m) is config}
+        by_layer = {m.layer_idx: sizes.get(name, m.A_log.shape[1]) for name, m in on_config.items()}
+        per_layer = [by_layer.get(i, config.state_size) for i in range(max(by_layer) + 1)]
+        out.append((config, per_layer, next(iter(on_config.values()))))
+    return out
+
+
+def _check_hf_caches(mixers: Mapping[str, nn.Module], sizes: Mapping[str, int], changed: Iterable[str]) -> None:
+    """Refuse uneven per-layer N where transformers' Mamba cache gives every layer ``config.state_size`` states.
+
+    transformers 5 allocates each layer's SSM state lazily from the first state that layer produces, so layers
+    may differ. Older versions (4.x) build a ``MambaCache`` of ``(Bt, D, config.state_size)`` for every layer:
+    a layer with another N breaks cached generation with a bare shape error, so we refuse before cutting.
+    """
+    for _, per_layer, mixer in _hf_layer_sizes(mixers, sizes, changed):
+        cache = getattr(sys.modules.get(type(mixer).__module__), "MambaCache", None)
+        if cache is not None and len(set(per_layer)) > 1:
+            import transformers
+
+            raise ValueError(
+                f"per-layer state sizes {per_layer} are not supported by transformers {transformers.__version__}: its "
+                f"{cache.__name__} gives every layer config.state_size states, so cached generation would fail. "
+                f"Upgrade to transformers>=5 (per-layer caches), or cut every layer to the same N (rank=...)")
+
+
+def _fix_configs(mixers: Mapping[str, nn.Module], changed: Iterable[str]) -> None:
+    """transformers keeps the state size in a shared config: ``state_size`` becomes the largest layer's N and
+    ``compressm_state_sizes`` lists every layer's (equal N make the config exact for ``from_pretrained``)."""
+    for config, per_layer, _ in _hf_layer_sizes(mixers, {}, changed):
         config.state_size = max(per_layer)
         config.compressm_state_sizes = per_layer
-    return [c for c, _ in touched.values()]
 
 
 @dataclass
@@ -238,6 +280,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, optimizer: torch.optim.O
             n = mixers[lp.name].A_log.shape[1]
             raise ValueError(f"stale plan: {lp.name} has N={n}, the plan expects {lp.n_before}")
     changes = plan.changes
+    _check_hf_caches(mixers, {lp.name: int(lp.keep.numel()) for lp in changes}, [lp.name for lp in changes])
     configs = [getattr(mixers[lp.name], "config", None) for lp in changes]
     snapshot = _Snapshot([mixers[lp.name] for lp in changes], optimizer, [c for c in configs if c is not None])
     try:
@@ -251,7 +294,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, optimizer: torch.optim.O
                 raise RuntimeError(f"{lp.name}: N is {mixer.A_log.shape[1]} after surgery, expected {lp.keep.numel()}")
         if optimizer is not None:
             _slice_optimizer_state(optimizer, slices)
-        _fix_configs({lp.name: mixers[lp.name] for lp in changes})
+        _fix_configs(mixers, [lp.name for lp in changes])
     except BaseException:
         snapshot.restore()
         raise
@@ -289,22 +332,28 @@ def resize_for_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
         model = build_model(config)               # full size
         resize_for_state_dict(model, state_dict)  # per-layer N from the checkpoint
         model.load_state_dict(state_dict)
+
+    (a transformers model saved with uneven N: ``MambaForCausalLM(MambaConfig.from_pretrained(path))`` and
+    the checkpoint's ``model.safetensors``; ``from_pretrained`` alone builds every layer at ``config.state_size``).
+    Nothing changes if any size is refused (see :func:`plan_compression` for transformers 4.x).
     """
     sizes = state_sizes(state_dict)
     mixers = find_mixers(model)
     changed = {}
-    for name, n in sizes.items():
+    for name, n in sizes.items():  # check everything before changing anything
         mixer = mixers.get(name)
         if mixer is None or mixer.A_log.shape[1] == n:
             continue
         if n > mixer.A_log.shape[1]:
             raise ValueError(f"{name}: checkpoint has N={n}, more than the model's {mixer.A_log.shape[1]}")
-        keep = torch.arange(n)
-        lp = LayerPlan(name, mixer_kind(mixer), mixer.A_log.shape[1], keep, None, float(n), 1.0, 1.0, True,
+        changed[name] = n
+    _check_hf_caches(mixers, changed, changed)
+    for name, n in changed.items():
+        mixer = mixers[name]
+        lp = LayerPlan(name, mixer_kind(mixer), mixer.A_log.shape[1], torch.arange(n), None, float(n), 1.0, 1.0, True,
                        None)  # type: ignore[arg-type]
         _apply_layer(mixer, lp)
-        changed[name] = n
-    _fix_configs({n: mixers[n] for n in changed})
+    _fix_configs(mixers, changed)
     mask_key = "state_mask"
     for name, mixer in mixers.items():
         mask = state_dict.get(f"{name}.{mask_key}")
