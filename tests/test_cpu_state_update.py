@@ -134,12 +134,12 @@ def test_decode_op_passes_opcheck() -> None:
 @pytest.mark.parametrize(("dim", "dstate", "groups"), [
     (77, 13, 7), (130, 16, 0), (64, 8, 2), (9, 256, 3),  # partial blocks, groups changing inside a block
     (40, 7, 0), (70, 9, 5), (96, 15, 3), (64, 32, 4), (128, 64, 2), (24, 100, 0),  # state tails, unrolled N
-    (45, 3, 5), (130, 1, 2),  # N < 8: eight channels per vector, partial lane groups, groups inside them
+    (45, 3, 5), (130, 1, 2),  # N < 8: the block's states as one flat array, groups inside it
 ], ids=str)
 def test_channel_blocks_and_tails_match_reference(dim: int, dstate: int, groups: int) -> None:
     # The kernel works on blocks of 64 channels, advances states eight at a time (a tail as an overlapping
-    # last vector; fewer than eight states: eight channels per vector) and sums C·h eight channels at a
-    # time: partial blocks, groups, vectors and groups of eight must come out right.
+    # last vector; fewer than eight states: all the block's states as one flat array) and sums C·h eight
+    # channels at a time: partial blocks, groups, vectors and groups of eight must come out right.
     inputs = _step_inputs(dim=dim, dstate=dstate, groups=groups)
     ref_state = inputs["state"].clone()
     ref = selective_state_update_ref(**dict(inputs, state=ref_state))

@@ -49,47 +49,44 @@ COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* 
   }
 }
 
-// The common layout with fewer than eight states: a channel's row would fill part of a vector, so eight
-// channels share one instead (lane i = channel i0 + i, one vector per state, rows transposed through small
-// buffers) and C·h is summed across vectors, no horizontal sum. Writes y[0, n) (room for n rounded up to 8);
-// delta and x are zero-padded to a multiple of eight channels.
-COMPRESSM_ALWAYS_INLINE void channels_in_lanes(const BlockArgs& a, const float* delta, const float* x, float* y) {
+// The common layout with fewer than eight states and contiguous rows: a channel's row would fill part of a
+// vector, so the block's n·N states are advanced as one flat array, eight at a time whatever channel each
+// belongs to, after laying out the per-state inputs the same way (Δ and Δ·x by channel, B and C by state).
+// Writes y[0, n).
+COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* delta, const float* x, float* y) {
   const StateUpdateParams& p = *a.p;
-  const int N = p.dstate, b = a.b, d0 = a.d0;
+  const int N = p.dstate, b = a.b, d0 = a.d0, total = a.n * N;
   const int per_group_b = p.dim / p.groups_b, per_group_c = p.dim / p.groups_c;
   const float* B_row = static_cast<const float*>(p.B.data) + b * p.B.stride0 + (d0 / per_group_b) * p.B.stride1;
   const float* C_row = static_cast<const float*>(p.C.data) + b * p.C.stride0 + (d0 / per_group_c) * p.C.stride1;
   int next_b = (d0 / per_group_b + 1) * per_group_b, next_c = (d0 / per_group_c + 1) * per_group_c;
-  float* h0 = static_cast<float*>(p.state) + b * p.state_stride0;
-  alignas(32) float h[8][8], A[8][8], B[8][8], C[8][8];  // [state][lane]
-  for (int i0 = 0; i0 < a.n; i0 += 8) {
-    const int m = std::min(8, a.n - i0);
-    if (m < 8) {  // lanes without a channel: A = h = B = C = 0 adds 0
-      for (int k = 0; k < N; ++k) {
-        for (int i = m; i < 8; ++i) h[k][i] = A[k][i] = B[k][i] = C[k][i] = 0.0f;
-      }
+  alignas(32) float dl[kBlock * 8], dx[kBlock * 8], B[kBlock * 8], C[kBlock * 8], prod[kBlock * 8];
+  // One loop over (channel, state) pairs with its own counters: GCC would turn a loop over a row into a
+  // memcpy call per channel, which costs more than the row.
+  for (int e = 0, i = 0, k = 0; e < total; ++e) {
+    dl[e] = delta[i], dx[e] = delta[i] * x[i], B[e] = B_row[k], C[e] = C_row[k];
+    if (++k == N) {
+      k = 0, ++i;
+      if (d0 + i == next_b) B_row += p.B.stride1, next_b += per_group_b;
+      if (d0 + i == next_c) C_row += p.C.stride1, next_c += per_group_c;
     }
-    for (int i = 0; i < m; ++i) {
-      const int d = d0 + i0 + i;
-      if (d == next_b) B_row += p.B.stride1, next_b += per_group_b;
-      if (d == next_c) C_row += p.C.stride1, next_c += per_group_c;
-      const float* row = h0 + d * p.state_stride1;
-      for (int k = 0; k < N; ++k) {
-        h[k][i] = row[k], A[k][i] = p.A[static_cast<int64_t>(d) * N + k], B[k][i] = B_row[k], C[k][i] = C_row[k];
-      }
-    }
-    const v8f dl = load8(delta + i0), dx = dl * load8(x + i0);
-    v8f acc{};
-    for (int k = 0; k < N; ++k) {
-      const v8f hk = forward_step8(load8(h[k]), dl, load8(A[k]), dx, load8(B[k]));
-      store8(h[k], hk);
-      acc += load8(C[k]) * hk;
-    }
-    store8(y + i0, acc);
-    for (int i = 0; i < m; ++i) {
-      float* row = h0 + (d0 + i0 + i) * p.state_stride1;
-      for (int k = 0; k < N; ++k) row[k] = h[k][i];
-    }
+  }
+  float* h = static_cast<float*>(p.state) + b * p.state_stride0 + static_cast<int64_t>(d0) * N;
+  const float* A = p.A + static_cast<int64_t>(d0) * N;
+  int e = 0;
+  for (; e + 8 <= total; e += 8) {
+    const v8f hk = forward_step8(load8(h + e), load8(dl + e), load8(A + e), load8(dx + e), load8(B + e));
+    store8(h + e, hk);
+    store8(prod + e, load8(C + e) * hk);
+  }
+  for (; e < total; ++e) {  // the last total % 8 states
+    h[e] = forward_step(h[e], dl[e], A[e], dx[e], B[e]);
+    prod[e] = C[e] * h[e];
+  }
+  for (int i = 0; i < a.n; ++i) {
+    float sum = 0.0f;
+    for (int k = 0; k < N; ++k) sum += prod[i * N + k];
+    y[i] = sum;
   }
 }
 
@@ -145,9 +142,8 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
   // The state loops, then Σ over states.
   const bool in_place = !p.kept && p.state_dtype == DType::f32 && p.state_stride2 == 1 &&
                         p.B.dtype == DType::f32 && p.B.stride2 == 1 && p.C.dtype == DType::f32 && p.C.stride2 == 1;
-  if (in_place && p.dstate < 8) {
-    for (int i = n; i % 8 != 0; ++i) delta[i] = x[i] = 0.0f;
-    channels_in_lanes(a, delta, x, y);
+  if (in_place && p.dstate < 8 && p.state_stride1 == p.dstate) {
+    channels_flat(a, delta, x, y);
   } else {
     if (!in_place) {
       channels_gathered(a, delta, x, lanes);
