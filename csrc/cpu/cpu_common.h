@@ -81,13 +81,22 @@ inline void store_row(void* data, int64_t off, DType t, int n, const float* src)
 
 // ------------------------------------------------------------------- sums over states without a serial tail
 // A loop over a channel's states reduced with `omp simd reduction` ends in a serial sum of the vector lanes,
-// per step; at small N that tail costs as much as the states. Instead each step's products are folded to
-// eight lanes (fold8) and eight steps (or channels) are summed together (sum_rows8).
+// per step; at small N that tail costs as much as the states. Instead each step's products are summed into
+// eight lanes (advance_states, reverse_states) and eight steps (or channels) are summed together (sum_rows8).
 
 // Eight float lanes as a compiler vector (SSE pairs on the baseline ISA, one register with AVX2).
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
 typedef unsigned v8u __attribute__((vector_size(32)));
+
+}  // namespace compressm::cpu
+
+template <>
+struct compressm::UnsignedOf<compressm::cpu::v8f> {  // exp_f32 on eight lanes
+  using type = compressm::cpu::v8u;
+};
+
+namespace compressm::cpu {
 
 #if defined(__clang__)
 #define COMPRESSM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -99,15 +108,6 @@ COMPRESSM_ALWAYS_INLINE v8f load8(const float* p) {
   v8f v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
-}
-
-// v[0 .. r) folded to eight lanes (lane j = Σ v[j + 8m]); v (room for r rounded up to 8) is zero-padded.
-COMPRESSM_ALWAYS_INLINE v8f fold8(float* __restrict v, int r) {
-  if (r <= 0) return v8f{};  // a channel whose states are all masked
-  for (int k = r; k % 8 != 0; ++k) v[k] = 0.0f;
-  v8f s = load8(v);
-  for (int k0 = 8; k0 < r; k0 += 8) s += load8(v + k0);
-  return s;
 }
 
 // y[i] = Σ_j rows[i][j] for eight rows (steps or channels) at once: three rounds of interleave-and-add, a
@@ -131,9 +131,12 @@ COMPRESSM_ALWAYS_INLINE void sum_rows8(const v8f* rows, float* y) {
 
 COMPRESSM_ALWAYS_INLINE void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-// h_new = ā·h + Δx·B with ā = exp(Δ·A) (forward_step, eight states at a time).
-COMPRESSM_ALWAYS_INLINE v8f forward_step8(v8f h, v8f delta, v8f A, v8f delta_x, v8f B) {
-  return exp_poly<v8f, v8u>(delta * A) * h + delta_x * B;
+COMPRESSM_ALWAYS_INLINE v8f broadcast8(float v) { return v8f{} + v; }
+
+// Lanes [8 - tail, 8) of a vector: the states a tail vector at r - 8 adds to the r - tail before it.
+COMPRESSM_ALWAYS_INLINE v8i tail_lanes(int tail) {
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return lane >= 8 - tail;
 }
 
 // r states (f32 rows A, B, C, h) advanced by one step, h in place (and copied to hist when kHist); returns
@@ -156,17 +159,15 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
     }
     return load8(prod);
   }
-  const v8f dl = v8f{} + delta, dx = v8f{} + delta_x;
+  const v8f dl = broadcast8(delta), dx = broadcast8(delta_x);
   const int tail = r % 8, full = r - tail;
   v8f acc{}, h_last{};
   if (tail) {
-    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    const v8f new_lanes = lane >= 8 - tail ? v8f{} + 1.0f : v8f{};
-    h_last = forward_step8(load8(h + r - 8), dl, load8(A + r - 8), dx, load8(B + r - 8));
-    acc = load8(C + r - 8) * h_last * new_lanes;
+    h_last = forward_step(load8(h + r - 8), dl, load8(A + r - 8), dx, load8(B + r - 8));
+    acc = tail_lanes(tail) ? load8(C + r - 8) * h_last : v8f{};
   }
   for (int k = 0; k < full; k += 8) {
-    const v8f hk = forward_step8(load8(h + k), dl, load8(A + k), dx, load8(B + k));
+    const v8f hk = forward_step(load8(h + k), dl, load8(A + k), dx, load8(B + k));
     store8(h + k, hk);
     if (kHist) store8(hist + k, hk);
     acc += load8(C + k) * hk;

@@ -103,21 +103,23 @@ struct ReverseArgs {
   float* du;
 };
 
+// One reverse step of r states: dB/dC/dA rows accumulated, carry updated in place; returns dΔ_t and du_t
+// folded to eight lanes. Explicit 8-lane code as advance_states, with its overlapping tail vector: computed
+// from the old carry first, stored last, and only its new lanes added to the accumulators.
 template <int kR>
-COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
+COMPRESSM_ALWAYS_INLINE void reverse_states(const ReverseArgs& a, int t, v8f& ddelta, v8f& du) {
   const int r = kR > 0 ? kR : a.r;
   const float* __restrict A = a.A;
   float* __restrict carry = a.carry;
   float* __restrict dA = a.dA;
-  alignas(32) float part_ddelta[kMaxState + 8], part_du[kMaxState + 8];
-  v8f lanes_ddelta[kMaxChunk + 8], lanes_du[kMaxChunk + 8];  // per step, folded to eight lanes
-  for (int t = a.T - 1; t >= 0; --t) {
-    const float* __restrict hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * r : a.h_in;
-    const float* __restrict ht = a.hist + static_cast<int64_t>(t) * r;
-    const float* __restrict Bt = a.B + t * a.ldb;
-    const float* __restrict Ct = a.C + t * a.ldc;
-    float* __restrict dBt = a.dB + t * a.lddb;
-    float* __restrict dCt = a.dC + t * a.lddc;
+  const float* __restrict hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * r : a.h_in;
+  const float* __restrict ht = a.hist + static_cast<int64_t>(t) * r;
+  const float* __restrict Bt = a.B + t * a.ldb;
+  const float* __restrict Ct = a.C + t * a.ldc;
+  float* __restrict dBt = a.dB + t * a.lddb;
+  float* __restrict dCt = a.dC + t * a.lddc;
+  if (r < 8) {  // fewer states than lanes: the compiler's loop, partial sums after
+    alignas(32) float part_ddelta[8] = {}, part_du[8] = {};
     const float dy = a.dy[t], d = a.delta[t], u = a.u[t];
 #pragma omp simd
     for (int k = 0; k < r; ++k) {
@@ -129,9 +131,45 @@ COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
       part_ddelta[k] = g.ddelta;
       part_du[k] = g.du;
     }
-    lanes_ddelta[t] = fold8(part_ddelta, r);
-    lanes_du[t] = fold8(part_du, r);
+    ddelta = load8(part_ddelta);
+    du = load8(part_du);
+    return;
   }
+  const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), u = broadcast8(a.u[t]);
+  const auto at = [&](int k) {
+    return reverse_step(load8(carry + k), dy, d, load8(A + k), u, load8(Bt + k), load8(Ct + k), load8(hp + k),
+                        load8(ht + k));
+  };
+  const int tail = r % 8, full = r - tail, k_tail = r - 8;
+  ddelta = du = v8f{};
+  StepGradsOf<v8f> g_tail{};
+  const v8i new_lanes = tail_lanes(tail);
+  if (tail) {
+    g_tail = at(k_tail);
+    ddelta = new_lanes ? g_tail.ddelta : v8f{};
+    du = new_lanes ? g_tail.du : v8f{};
+  }
+  for (int k = 0; k < full; k += 8) {
+    const StepGradsOf<v8f> g = at(k);
+    store8(dBt + k, load8(dBt + k) + g.dB);
+    store8(dCt + k, load8(dCt + k) + g.dC);
+    store8(dA + k, load8(dA + k) + g.dA);
+    store8(carry + k, g.carry);
+    ddelta += g.ddelta;
+    du += g.du;
+  }
+  if (tail) {
+    store8(dBt + k_tail, load8(dBt + k_tail) + (new_lanes ? g_tail.dB : v8f{}));
+    store8(dCt + k_tail, load8(dCt + k_tail) + (new_lanes ? g_tail.dC : v8f{}));
+    store8(dA + k_tail, load8(dA + k_tail) + (new_lanes ? g_tail.dA : v8f{}));
+    store8(carry + k_tail, g_tail.carry);  // its old lanes equal what the loop stored
+  }
+}
+
+template <int kR>
+COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
+  v8f lanes_ddelta[kMaxChunk + 8], lanes_du[kMaxChunk + 8];  // per step, folded to eight lanes
+  for (int t = a.T - 1; t >= 0; --t) reverse_states<kR>(a, t, lanes_ddelta[t], lanes_du[t]);
   sum_steps(lanes_ddelta, a.T, a.ddelta);
   sum_steps(lanes_du, a.T, a.du);
 }

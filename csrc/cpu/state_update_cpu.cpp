@@ -75,7 +75,7 @@ COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* delt
   const float* A = p.A + static_cast<int64_t>(d0) * N;
   int e = 0;
   for (; e + 8 <= total; e += 8) {
-    const v8f hk = forward_step8(load8(h + e), load8(dl + e), load8(A + e), load8(dx + e), load8(B + e));
+    const v8f hk = forward_step(load8(h + e), load8(dl + e), load8(A + e), load8(dx + e), load8(B + e));
     store8(h + e, hk);
     store8(prod + e, load8(C + e) * hk);
   }

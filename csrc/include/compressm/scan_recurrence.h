@@ -18,7 +18,9 @@
 // and dδ_t = dΔ_t · discretize_grad(δ_t, bias).
 //
 // Only plain float math and no std:: facilities, so a CPU loop over a channel's kept states (which the
-// compiler vectorises across states) and a CUDA thread holding one state call the same functions.
+// compiler vectorises across states) and a CUDA thread holding one state call the same functions. The
+// per-state step functions (decay, forward_step, reverse_step) are templates on the value type F: float,
+// or on the host a GCC vector of floats, so the CPU kernels' explicit 8-lane loops use them too.
 #pragma once
 
 #include <math.h>
@@ -27,7 +29,9 @@
 #if defined(__CUDACC__)
 #define COMPRESSM_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define COMPRESSM_HOST_DEVICE inline
+// Always inlined on the host: the CPU kernels call these from AVX2-compiled functions, and an out-of-line
+// copy (baseline ISA) would take 8-lane vector arguments under a different calling convention.
+#define COMPRESSM_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
 namespace compressm {
@@ -71,12 +75,19 @@ __attribute__((always_inline)) inline F exp_poly(F x) {
   return x < lo ? F{} : e;  // underflow to 0 like expf (ā h would otherwise keep a ~1e-38 residue)
 }
 
+// The unsigned integer type with F's shape, for exp_poly's bit arithmetic; the CPU code adds its vectors.
+template <typename F>
+struct UnsignedOf {
+  using type = uint32_t;
+};
+
 // exp(x) in fp32: the hardware instruction on the device, exp_poly on the host.
-COMPRESSM_HOST_DEVICE float exp_f32(float x) {
+template <typename F>
+COMPRESSM_HOST_DEVICE F exp_f32(F x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
-  return exp_poly<float, uint32_t>(x);
+  return exp_poly<F, typename UnsignedOf<F>::type>(x);
 #endif
 }
 
@@ -158,28 +169,34 @@ COMPRESSM_HOST_DEVICE float discretize_grad(float delta_raw, float bias, bool so
 }
 
 // ā = exp(Δ · A).
-COMPRESSM_HOST_DEVICE float decay(float delta, float A) { return exp_f32(delta * A); }
+template <typename F>
+COMPRESSM_HOST_DEVICE F decay(F delta, F A) {
+  return exp_f32(delta * A);
+}
 
 // --------------------------------------------------------------------------------- one state, one step
 
 // h_t = ā_t · h_{t-1} + Δ_t · u_t · B_t (delta_u = Δ_t · u_t, shared by all states of the channel).
-COMPRESSM_HOST_DEVICE float forward_step(float h_prev, float delta, float A, float delta_u, float B) {
+template <typename F>
+COMPRESSM_HOST_DEVICE F forward_step(F h_prev, F delta, F A, F delta_u, F B) {
   return decay(delta, A) * h_prev + delta_u * B;
 }
 
-// Gradient contributions of one state at one step (see the header comment).
-struct StepGrads {
-  float dB, dC, ddelta, du, dA;
-  float carry;  // ā_t · g_t, the carry into step t-1
+// Gradient contributions of one state (or one vector of states) at one step (see the header comment).
+template <typename F>
+struct StepGradsOf {
+  F dB, dC, ddelta, du, dA;
+  F carry;  // ā_t · g_t, the carry into step t-1
 };
+using StepGrads = StepGradsOf<float>;
 
 // carry = ā_{t+1} g_{t+1} (or ∂loss/∂h_{L-1} at the last step); h_prev = h_{t-1}; h = h_t.
-COMPRESSM_HOST_DEVICE StepGrads reverse_step(float carry, float dy, float delta, float A, float u, float B,
-                                             float C, float h_prev, float h) {
-  const float a = decay(delta, A);
-  const float g = dy * C + carry;
-  const float g_delta = g * delta;
-  StepGrads out;
+template <typename F>
+COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step(F carry, F dy, F delta, F A, F u, F B, F C, F h_prev, F h) {
+  const F a = decay(delta, A);
+  const F g = dy * C + carry;
+  const F g_delta = g * delta;
+  StepGradsOf<F> out;
   out.dC = dy * h;
   out.dB = g_delta * u;
   out.ddelta = g * (A * a * h_prev + B * u);
