@@ -1,6 +1,6 @@
 """``mamba_inner_fn(checkpoint_lvl=1)``: backward recomputes conv1d → x_proj → dt_proj → out_proj's input but
 never re-runs the scan's forward kernel, keeps none of the activations it recomputes, and gives exactly
-``checkpoint_lvl=0``'s output and gradients."""
+``checkpoint_lvl=0``'s output and gradients; both equal a plain composition of the definition."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scan_cases import assert_close
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+from compressm_kernels import selective_scan_ref
 from compressm_kernels.ops.mamba_inner import mamba_inner_fn
 from compressm_kernels.ops.selective_scan import cpu as cpu_backend
 from compressm_kernels.ops.selective_scan import triton as triton_backend
@@ -88,6 +90,46 @@ def _assert_levels_agree(args: dict[str, Tensor | None], **kw) -> None:
     assert len(kept) == 1 + sum(t is not None for t in args.values())  # the output, one gradient per tensor
     for name in kept:
         assert_close(recomputed[name], kept[name], F32, name)
+
+
+def _rms(t: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    return t * (t.square().mean(-1, keepdim=True) + eps).rsqrt() * weight
+
+
+def _by_definition(*, xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor, x_proj_weight: Tensor,
+                   delta_proj_weight: Tensor, out_proj_weight: Tensor, A: Tensor, D: Tensor, delta_bias: Tensor,
+                   out_proj_bias: Tensor | None = None, B_proj_bias: Tensor | None = None,
+                   C_proj_bias: Tensor | None = None, b_rms_weight: Tensor | None = None,
+                   c_rms_weight: Tensor | None = None, dt_rms_weight: Tensor | None = None,
+                   state_mask: Tensor | None = None) -> Tensor:
+    """The inner path written out in the (Bt, L, features) layout of nn.Linear, with the reference scan."""
+    x, z = xz.chunk(2, dim=1)
+    u = F.silu(F.conv1d(F.pad(x, (WIDTH - 1, 0)), conv1d_weight, conv1d_bias, groups=DIM))  # (Bt, D, L)
+    x_dbl = u.transpose(1, 2) @ x_proj_weight.T  # (Bt, L, R + 2N)
+    dt, B, C = x_dbl.split([RANK, DSTATE, DSTATE], dim=-1)
+    delta = dt @ delta_proj_weight.T  # (Bt, L, D)
+    if B_proj_bias is not None:
+        B, C = B + B_proj_bias, C + C_proj_bias
+    if b_rms_weight is not None:
+        delta, B, C = _rms(delta, dt_rms_weight), _rms(B, b_rms_weight), _rms(C, c_rms_weight)
+    y = selective_scan_ref(u, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, z, delta_bias,
+                           delta_softplus=True, state_mask=state_mask)
+    out = y.transpose(1, 2) @ out_proj_weight.T
+    return out if out_proj_bias is None else out + out_proj_bias
+
+
+@pytest.mark.parametrize(("extras", "mask"), [(False, "none"), (True, "per-channel")])
+def test_matches_the_definition(extras: bool, mask: str) -> None:
+    args, state_mask = make_args(extras=extras), make_mask(mask)
+    ours = out_and_grads(args, checkpoint_lvl=1, state_mask=state_mask, backend="cpu")
+    leaves = {k: v for k, v in args.items() if v is not None}
+    out = _by_definition(**leaves, state_mask=state_mask)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((out * cotangent).sum(), list(leaves.values()))
+    expected = {"out": out, **{f"d{k}": g for k, g in zip(leaves, grads, strict=True)}}
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        assert_close(ours[name], expected[name], F32, name)
 
 
 class _CountKernels:

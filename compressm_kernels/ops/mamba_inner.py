@@ -57,6 +57,17 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float, dim: int) -> Tensor:
     return out.to(x.dtype)
 
 
+def _project(weight: Tensor, t: Tensor) -> Tensor:
+    """``weight`` ``(O, I)`` applied to each ``(I, L)`` slice of ``t`` ``(Bt, I, L)`` → ``(Bt, O, L)``, contiguous.
+
+    A bmm against the weight broadcast over the batch keeps L innermost, so the scan gets delta, B and C
+    without a transposing copy, and t is read in place (``F.linear(t.transpose(1, 2))`` copies it first).
+    Its backward sums a ``(Bt, O, I)`` weight gradient, small next to t ``(Bt, I, L)`` or the result
+    ``(Bt, O, L)`` while min(O, I) ≪ L: x_proj's R + 2·N rows, dt_proj's rank R. out_proj's d_model × D is
+    not, so it keeps F.linear."""
+    return torch.bmm(weight.expand(t.shape[0], -1, -1), t)
+
+
 def _check(xz: Tensor, conv1d_weight: Tensor, x_proj_weight: Tensor, delta_proj_weight: Tensor,
            out_proj_weight: Tensor, A: Tensor, B: Tensor | None, C: Tensor | None, checkpoint_lvl: int) -> None:
     if xz.dim() != 3 or xz.shape[1] % 2:
@@ -96,27 +107,24 @@ def _inner_path(
     weight = conv1d_weight.reshape(conv1d_weight.shape[0], -1)
     u = causal_conv1d(x, weight, conv1d_bias, activation="silu")  # (Bt, D, L)
     rank, dstate = delta_proj_weight.shape[1], A.shape[1]
-    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (Bt, L, rows): [dt | B | C]
-    delta = F.linear(x_dbl[..., :rank], delta_proj_weight)  # (Bt, L, D)
+    x_dbl = _project(x_proj_weight, u)  # (Bt, rows, L): [dt | B | C]
+    delta = _project(delta_proj_weight, x_dbl[:, :rank])  # (Bt, D, L)
     if dt_rms_weight is not None:
-        delta = _rms_norm(delta, dt_rms_weight, eps, dim=-1)
-    delta = delta.transpose(1, 2)
+        delta = _rms_norm(delta, dt_rms_weight, eps, dim=1)
     col = rank
-    if B is None:  # variable B: the next N columns
-        B = x_dbl[..., col:col + dstate]
+    if B is None:  # variable B: the next N rows, (Bt, N, L)
+        B = x_dbl[:, col:col + dstate]
         col += dstate
         if B_proj_bias is not None:
-            B = B + B_proj_bias.to(B.dtype)
+            B = B + B_proj_bias.to(B.dtype)[:, None]
         if b_rms_weight is not None:
-            B = _rms_norm(B, b_rms_weight, eps, dim=-1)
-        B = B.transpose(1, 2)  # (Bt, N, L)
-    if C is None:  # variable C: the N columns after B (never counted from the end)
-        C = x_dbl[..., col:col + dstate]
+            B = _rms_norm(B, b_rms_weight, eps, dim=1)
+    if C is None:  # variable C: the N rows after B (never counted from the end)
+        C = x_dbl[:, col:col + dstate]
         if C_proj_bias is not None:
-            C = C + C_proj_bias.to(C.dtype)
+            C = C + C_proj_bias.to(C.dtype)[:, None]
         if c_rms_weight is not None:
-            C = _rms_norm(C, c_rms_weight, eps, dim=-1)
-        C = C.transpose(1, 2)
+            C = _rms_norm(C, c_rms_weight, eps, dim=1)
     y = selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                           state_mask=state_mask, backend=backend)
     # out_proj belongs to the checkpointed segment: its input is a (Bt, L, D) copy of y, which backward then
