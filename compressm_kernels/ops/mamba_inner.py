@@ -5,17 +5,43 @@ is :func:`compressm_kernels.selective_scan_fn`, so it honours ``state_mask`` and
 Unlike mamba_ssm's version it takes N from ``A`` and checks that ``x_proj_weight`` has exactly the rows
 ``[dt | B | C]`` for that N, so a compacted layer can never read C from the wrong columns, and every
 gradient row is written by autograd.
+
+``checkpoint_lvl=1`` is selective activation checkpointing: backward recomputes conv1d → x_proj → dt_proj
+(the cheap ``(Bt, D, L)`` activations) but reuses the outputs of the scan's forward kernel (the
+``compressm::selective_scan_fwd_*`` custom ops), as mamba_ssm's MambaInnerFn never re-runs the scan.
 """
 
 from __future__ import annotations
 
+import inspect
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .conv1d import causal_conv1d
 from .selective_scan import selective_scan_fn
+
+# The scans' forward kernels (custom ops of the cpu, cuda and triton backends), by name so that a backend
+# whose module cannot import here is no problem. Their outputs are kept for backward instead of recomputed.
+_SCAN_FORWARD_OPS = frozenset(
+    f"compressm::selective_scan_fwd_{backend}" for backend in ("cpu", "cuda", "triton")
+)
+# Newer torch asks whether tensors kept by selective checkpointing go through the caller's saved-tensors hooks
+# (e.g. save_on_cpu); they should, like every other tensor kept for backward.
+_HOOKS_KWARG = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {}
+)
+
+
+def _keep_scan_forward(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpoint policy: save the scan kernel's outputs, recompute every other op."""
+    if op.name() in _SCAN_FORWARD_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _shape(t: Tensor) -> str:
@@ -29,6 +55,17 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float, dim: int) -> Tensor:
     shape[dim] = -1
     out = xf * torch.rsqrt(xf.square().mean(dim=dim, keepdim=True) + eps) * weight.float().view(shape)
     return out.to(x.dtype)
+
+
+def _project(weight: Tensor, t: Tensor) -> Tensor:
+    """``weight`` ``(O, I)`` applied to each ``(I, L)`` slice of ``t`` ``(Bt, I, L)`` → ``(Bt, O, L)``, contiguous.
+
+    A bmm against the weight broadcast over the batch keeps L innermost, so the scan gets delta, B and C
+    without a transposing copy, and t is read in place (``F.linear(t.transpose(1, 2))`` copies it first).
+    Its backward sums a ``(Bt, O, I)`` weight gradient, small next to t ``(Bt, I, L)`` or the result
+    ``(Bt, O, L)`` while min(O, I) ≪ L: x_proj's R + 2·N rows, dt_proj's rank R. out_proj's d_model × D is
+    not, so it keeps F.linear."""
+    return torch.bmm(weight.expand(t.shape[0], -1, -1), t)
 
 
 def _check(xz: Tensor, conv1d_weight: Tensor, x_proj_weight: Tensor, delta_proj_weight: Tensor,
@@ -58,41 +95,41 @@ def _check(xz: Tensor, conv1d_weight: Tensor, x_proj_weight: Tensor, delta_proj_
         raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
 
 
-def _gated_scan(
+def _inner_path(
     xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, x_proj_weight: Tensor, delta_proj_weight: Tensor,
-    A: Tensor, B: Tensor | None, C: Tensor | None, D: Tensor | None, delta_bias: Tensor | None,
-    B_proj_bias: Tensor | None, C_proj_bias: Tensor | None, delta_softplus: bool, b_rms_weight: Tensor | None,
-    c_rms_weight: Tensor | None, dt_rms_weight: Tensor | None, eps: float, state_mask: Tensor | None,
-    backend: str,
+    out_proj_weight: Tensor, out_proj_bias: Tensor | None, A: Tensor, B: Tensor | None, C: Tensor | None,
+    D: Tensor | None, delta_bias: Tensor | None, B_proj_bias: Tensor | None, C_proj_bias: Tensor | None,
+    delta_softplus: bool, b_rms_weight: Tensor | None, c_rms_weight: Tensor | None, dt_rms_weight: Tensor | None,
+    eps: float, state_mask: Tensor | None, backend: str,
 ) -> Tensor:
-    """xz ``(Bt, 2D, L)`` → gated scan output ``y · silu(z)`` ``(Bt, D, L)``."""
+    """xz ``(Bt, 2D, L)`` → ``out_proj(y · silu(z))`` ``(Bt, L, d_model)``."""
     x, z = xz.chunk(2, dim=1)
     weight = conv1d_weight.reshape(conv1d_weight.shape[0], -1)
     u = causal_conv1d(x, weight, conv1d_bias, activation="silu")  # (Bt, D, L)
     rank, dstate = delta_proj_weight.shape[1], A.shape[1]
-    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (Bt, L, rows): [dt | B | C]
-    delta = F.linear(x_dbl[..., :rank], delta_proj_weight)  # (Bt, L, D)
+    x_dbl = _project(x_proj_weight, u)  # (Bt, rows, L): [dt | B | C]
+    delta = _project(delta_proj_weight, x_dbl[:, :rank])  # (Bt, D, L)
     if dt_rms_weight is not None:
-        delta = _rms_norm(delta, dt_rms_weight, eps, dim=-1)
-    delta = delta.transpose(1, 2)
+        delta = _rms_norm(delta, dt_rms_weight, eps, dim=1)
     col = rank
-    if B is None:  # variable B: the next N columns
-        B = x_dbl[..., col:col + dstate]
+    if B is None:  # variable B: the next N rows, (Bt, N, L)
+        B = x_dbl[:, col:col + dstate]
         col += dstate
         if B_proj_bias is not None:
-            B = B + B_proj_bias.to(B.dtype)
+            B = B + B_proj_bias.to(B.dtype)[:, None]
         if b_rms_weight is not None:
-            B = _rms_norm(B, b_rms_weight, eps, dim=-1)
-        B = B.transpose(1, 2)  # (Bt, N, L)
-    if C is None:  # variable C: the N columns after B (never counted from the end)
-        C = x_dbl[..., col:col + dstate]
+            B = _rms_norm(B, b_rms_weight, eps, dim=1)
+    if C is None:  # variable C: the N rows after B (never counted from the end)
+        C = x_dbl[:, col:col + dstate]
         if C_proj_bias is not None:
-            C = C + C_proj_bias.to(C.dtype)
+            C = C + C_proj_bias.to(C.dtype)[:, None]
         if c_rms_weight is not None:
-            C = _rms_norm(C, c_rms_weight, eps, dim=-1)
-        C = C.transpose(1, 2)
-    return selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                             state_mask=state_mask, backend=backend)
+            C = _rms_norm(C, c_rms_weight, eps, dim=1)
+    y = selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                          state_mask=state_mask, backend=backend)
+    # out_proj belongs to the checkpointed segment: its input is a (Bt, L, D) copy of y, which backward then
+    # rebuilds from the kept scan output instead of keeping both.
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
 def mamba_inner_fn(
@@ -130,8 +167,12 @@ def mamba_inner_fn(
         A: ``(D, N)`` fp32 (``-exp(A_log)``); N is taken from here.
         B, C: ``None`` (variable, from x_proj) or time-invariant ``(D, N)`` fp32.
         D, delta_bias: optional ``(D,)`` fp32. B_proj_bias, C_proj_bias: optional ``(N,)``.
-        checkpoint_lvl: 1 recomputes conv, x_proj, delta and the scan in backward instead of keeping their
-            ``(Bt, D, L)`` activations (mamba_ssm drops conv1d_out and delta); 0 keeps them.
+        checkpoint_lvl: 1 keeps only xz, the weights and the scan kernel's outputs for backward, which
+            recomputes conv, x_proj, delta and out_proj's input from them (mamba_ssm drops conv1d_out and
+            delta) but does not re-run the scan's forward. The kept outputs are the gated ``(Bt, D, L)`` scan
+            output and the fp32 chunk carries ``(Bt, D, ⌈L/chunk⌉, N)``; the triton backend with ``z`` also
+            keeps its pre-gate output. The ``reference`` backend is plain torch ops, so it is recomputed
+            whole, scan included. 0 keeps every activation.
         b_rms_weight, c_rms_weight, dt_rms_weight: optional RMSNorm weights applied to B, C (``(N,)``) and
             delta (``(D,)``), with epsilon ``b_c_dt_rms_eps``.
         state_mask: optional bool ``(N,)`` or ``(D, N)``; masked states contribute nothing.
@@ -140,12 +181,12 @@ def mamba_inner_fn(
         ``(Bt, L, d_model)``.
     """
     _check(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C, checkpoint_lvl)
-    args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias,
-            C_proj_bias, delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps, state_mask, backend)
+    args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C,
+            D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight,
+            b_c_dt_rms_eps, state_mask, backend)
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)
     if checkpoint_lvl == 1 and needs_grad:
-        # Keep only xz and the weights; backward recomputes the (Bt, D, L) activations of this segment.
-        y = checkpoint(_gated_scan, *args, use_reentrant=False)
-    else:
-        y = _gated_scan(*args)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+        # Keep xz, the weights and the scan kernel's outputs; backward recomputes the rest of this segment.
+        return checkpoint(_inner_path, *args, use_reentrant=False,
+                          context_fn=partial(create_selective_checkpoint_contexts, _keep_scan_forward), **_HOOKS_KWARG)
+    return _inner_path(*args)
