@@ -12,7 +12,6 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from scan_cases import assert_close
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
@@ -22,6 +21,7 @@ from compressm_kernels.ops.mamba_inner import mamba_inner_fn
 from compressm_kernels.ops.selective_scan import cpu as cpu_backend
 from compressm_kernels.ops.selective_scan import triton as triton_backend
 from compressm_kernels.ops.selective_scan.inputs import check_scan_inputs
+from scan_cases import assert_close
 
 F32 = torch.float32
 BATCH, DIM, SEQLEN, DSTATE, RANK, WIDTH, D_MODEL = 2, 8, 37, 13, 3, 4, 5
