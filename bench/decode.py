@@ -5,9 +5,10 @@
 One timed call advances a ``(Bt, D, N)`` state by ``--steps`` tokens in place (fp32; z, D, dt_bias, softplus:
 the Mamba block's configuration), so a step of a few microseconds is not lost in timer overhead.
 ``tok/s`` = Bt / (time per step): the tokens one layer of this width decodes per second. Backends:
-``reference`` (``selective_state_update_ref``, the baseline), ``cpu`` (the C++ kernel), ``hf``
-(transformers' torch ``mamba_selective_state_update``) and ``mamba`` (mamba_ssm's Triton
-``selective_state_update``, CUDA only).
+``reference`` (our torch ``selective_state_update_ref``), ``cpu`` (the C++ kernel), ``mamba_ref``
+(mamba_ssm's torch ``selective_state_update_ref``), ``hf`` (transformers' torch
+``mamba_selective_state_update``) and ``mamba`` (mamba_ssm's Triton ``selective_state_update``, CUDA only).
+Ratios are to the baseline measured in the same run: the first of mamba, mamba_ref, reference that can run.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from compressm_kernels import selective_state_update, selective_state_update_ref
 from compressm_kernels.ops.selective_scan import cpu as cpu_backend
 
 from .harness import Bench, publish
+from .scan import allow_mamba_ssm_import
 
-BACKENDS = ("reference", "cpu", "hf", "mamba")
+BACKENDS = ("reference", "cpu", "mamba_ref", "hf", "mamba")
+BASELINE_ORDER = ("mamba", "mamba_ref", "reference")
 SIZES = {
     ("cpu", True): dict(batch=2, dim=1536, dstates="64,16", steps=20, warmup=1, repeats=5),
     ("cpu", False): dict(batch=2, dim=1536, dstates="64,32,16,8", steps=100, warmup=2, repeats=10),
@@ -47,6 +50,13 @@ def step_fn(backend: str, t: dict) -> Callable[[], object] | str:
     if backend == "cpu":
         reason = cpu_backend.state_update_unavailable_reason(t)
         return reason or (lambda: selective_state_update(*args, t["z"], t["dt_bias"], True, backend="cpu"))
+    if backend == "mamba_ref":
+        allow_mamba_ssm_import()
+        try:
+            from mamba_ssm.ops.triton.selective_state_update import selective_state_update_ref as mamba_ref
+        except ImportError as err:
+            return f"mamba_ssm is not importable ({err})"
+        return lambda: mamba_ref(*args, z=t["z"], dt_bias=t["dt_bias"], dt_softplus=True)
     if backend == "hf":
         try:
             from transformers.models.mamba import modeling_mamba
@@ -80,20 +90,23 @@ def run(args: argparse.Namespace) -> Bench:
     sizes = SIZES[("cuda" if args.device.startswith("cuda") else "cpu", args.quick)]
     opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in sizes.items()}
     batch, dim, steps = opt["batch"], opt["dim"], opt["steps"]
-    bench = Bench(f"decode step Bt={batch} D={dim} fp32, {steps} steps per call, baseline reference",
+    dstates = sorted({int(v) for v in opt["dstates"].split(",")}, reverse=True)
+    requested = list(dict.fromkeys(["reference", *args.backends.split(",")]))
+    probe = {b: step_fn(b, make_tensors(1, 8, 8, args.device)) for b in requested}
+    runnable = [b for b in requested if not isinstance(probe[b], str)]
+    baseline = next(b for b in BASELINE_ORDER if b in runnable)  # reference always runs
+    bench = Bench(f"decode step Bt={batch} D={dim} fp32, {steps} steps per call, baseline {baseline}",
                   device=args.device, warmup=opt["warmup"], repeats=opt["repeats"])
-    noted = set()
-    for n in sorted({int(v) for v in opt["dstates"].split(",")}, reverse=True):
+    for backend in requested:
+        if backend not in runnable:
+            bench.note(f"skipped backend {backend!r}: {probe[backend]}")
+    order = [baseline, *(b for b in runnable if b != baseline)]
+    for n in dstates:
         t = make_tensors(batch, dim, n, args.device)
-        for backend in ["reference", *(b for b in args.backends.split(",") if b != "reference")]:
+        for backend in order:
             fn = step_fn(backend, t)
-            if isinstance(fn, str):
-                if backend not in noted:
-                    bench.note(f"skipped backend {backend!r}: {fn}")
-                    noted.add(backend)
-                continue
             row = bench.time(f"{backend} step N={n}", lambda fn=fn: [fn() for _ in range(steps)],
-                             group=f"N={n}", baseline=backend == "reference", backend=backend, N=n)
+                             group=f"N={n}", baseline=backend == baseline, backend=backend, N=n)
             row.extra["us/step"] = row.median_ms * 1e3 / steps
             row.extra["tok/s"] = batch / (row.median_ms * 1e-3 / steps)
     publish(bench, args, "decode", columns=["N", "us/step", "tok/s"], plots={

@@ -90,10 +90,14 @@ def make_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dty
     }
 
 
-def _mamba_ref() -> Callable | str:
-    # mamba_ssm imports selective_scan_cuda at import time; its reference path never calls it.
+def allow_mamba_ssm_import() -> None:
+    """mamba_ssm imports selective_scan_cuda at import time; its torch reference paths never call it."""
     if "selective_scan_cuda" not in sys.modules and importlib.util.find_spec("selective_scan_cuda") is None:
         sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+
+
+def _mamba_ref() -> Callable | str:
+    allow_mamba_ssm_import()
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
     except ImportError as err:
