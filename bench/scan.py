@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int)
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--rank", type=int, help="average per-channel rank of the ranks rows")
+    p.add_argument("--passes", default="fwd,bwd,fwd+bwd",
+                   help="comma list of fwd, bwd, fwd+bwd; the masked/compacted and ranks rows (fwd+bwd) run only "
+                        "with fwd+bwd")
     p.add_argument("--triton-config", default=None, metavar="BLOCK_D,CHUNK,FWD_WARPS,BWD_WARPS",
                    help="force the Triton tile sizes (to sweep them)")
 
@@ -176,6 +179,9 @@ def run(args: argparse.Namespace) -> Bench:
     opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in sizes.items()}
     device, dtype = args.device, DTYPES[opt["dtype"]]
     dstates = sorted({int(n) for n in opt["dstates"].split(",")}, reverse=True)
+    passes = args.passes.split(",")
+    if unknown := set(passes) - {"fwd", "bwd", "fwd+bwd"}:
+        raise SystemExit(f"unknown --passes {sorted(unknown)}; choose from fwd, bwd, fwd+bwd")
     n_max = dstates[0]
     shape = (opt["batch"], opt["dim"], opt["seqlen"])
 
@@ -213,7 +219,8 @@ def run(args: argparse.Namespace) -> Bench:
             nbytes = bytes_moved(*shape, n, elt)
             for backend in order:
                 run_ = Runner(fns[backend], inputs)
-                for pass_name, fn in (("fwd", run_.fwd), ("bwd", run_.make_bwd()), ("fwd+bwd", run_.fwd_bwd)):
+                for pass_name in (p for p in ("fwd", "bwd", "fwd+bwd") if p in passes):
+                    fn = {"fwd": run_.fwd, "fwd+bwd": run_.fwd_bwd}.get(pass_name) or run_.make_bwd()
                     row = bench.time(f"{backend} {pass_name} N={n}", fn, group=f"{pass_name} N={n}",
                                      baseline=backend == baseline, kind="plain", backend=backend, N=n,
                                      **{"pass": pass_name})
@@ -221,31 +228,32 @@ def run(args: argparse.Namespace) -> Bench:
                 del run_
             del inputs
 
-        full = make_inputs(*shape, n_max, dtype, device)
-        gen = torch.Generator().manual_seed(0)
-        for k in (n for n in dstates if n < n_max):
-            keep = torch.randperm(n_max, generator=gen)[:k].sort().values
-            mask = torch.zeros(n_max, dtype=torch.bool)
-            mask[keep] = True
-            compact = {**full, "A": full["A"][:, keep], "B": full["B"][:, keep], "C": full["C"][:, keep]}
-            for backend in maskable:
-                group = f"{backend} mask {k}/{n_max}"
-                bench.time(f"{backend} masked {k}/{n_max}", Runner(fns[backend], full, mask.to(device)).fwd_bwd,
-                           group=group, baseline=True, kind="mask", backend=backend, variant="masked-full", kept=k,
-                           N=n_max)
-                bench.time(f"{backend} compacted N={k}", Runner(fns[backend], compact).fwd_bwd, group=group,
-                           kind="mask", backend=backend, variant="compacted", kept=k, N=k)
+        if "fwd+bwd" in passes:  # the masked/compacted and ranks rows time fwd+bwd
+            full = make_inputs(*shape, n_max, dtype, device)
+            gen = torch.Generator().manual_seed(0)
+            for k in (n for n in dstates if n < n_max):
+                keep = torch.randperm(n_max, generator=gen)[:k].sort().values
+                mask = torch.zeros(n_max, dtype=torch.bool)
+                mask[keep] = True
+                compact = {**full, "A": full["A"][:, keep], "B": full["B"][:, keep], "C": full["C"][:, keep]}
+                for backend in maskable:
+                    group = f"{backend} mask {k}/{n_max}"
+                    bench.time(f"{backend} masked {k}/{n_max}", Runner(fns[backend], full, mask.to(device)).fwd_bwd,
+                               group=group, baseline=True, kind="mask", backend=backend, variant="masked-full", kept=k,
+                               N=n_max)
+                    bench.time(f"{backend} compacted N={k}", Runner(fns[backend], compact).fwd_bwd, group=group,
+                               kind="mask", backend=backend, variant="compacted", kept=k, N=k)
 
-        low = max(1, opt["rank"] // 3)
-        ranks = torch.randint(low, 2 * opt["rank"] - low + 1, (shape[1],), generator=gen).clamp(1, n_max)
-        per_channel = torch.arange(n_max)[None, :] < ranks[:, None]
-        per_channel = torch.stack([row[torch.randperm(n_max, generator=gen)] for row in per_channel])
-        for backend in maskable:
-            group = f"{backend} ranks ~{ranks.float().mean():.1f}/{n_max}"
-            bench.time(f"{backend} full N={n_max}", Runner(fns[backend], full).fwd_bwd, group=group, baseline=True,
-                       kind="ranks", backend=backend, N=n_max)
-            bench.time(f"{backend} per-channel ranks", Runner(fns[backend], full, per_channel.to(device)).fwd_bwd,
-                       group=group, kind="ranks", backend=backend, N=n_max)
+            low = max(1, opt["rank"] // 3)
+            ranks = torch.randint(low, 2 * opt["rank"] - low + 1, (shape[1],), generator=gen).clamp(1, n_max)
+            per_channel = torch.arange(n_max)[None, :] < ranks[:, None]
+            per_channel = torch.stack([row[torch.randperm(n_max, generator=gen)] for row in per_channel])
+            for backend in maskable:
+                group = f"{backend} ranks ~{ranks.float().mean():.1f}/{n_max}"
+                bench.time(f"{backend} full N={n_max}", Runner(fns[backend], full).fwd_bwd, group=group, baseline=True,
+                           kind="ranks", backend=backend, N=n_max)
+                bench.time(f"{backend} per-channel ranks", Runner(fns[backend], full, per_channel.to(device)).fwd_bwd,
+                           group=group, kind="ranks", backend=backend, N=n_max)
 
     publish(bench, args, "scan", columns=["N", "GB/s"], plots={
         "": dict(x="N", series="backend", panel="pass", where=lambda r: r.extra.get("kind") == "plain"),

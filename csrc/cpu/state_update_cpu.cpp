@@ -1,8 +1,9 @@
 // One decode step of the selective scan on the CPU, state updated in place. Channels are processed in blocks:
 // the per-channel scalars (Δ = softplus(dt + bias), Δ·x, the D skip, the silu gate) are computed for the whole
 // block in loops vectorised across channels; then each channel's kept states are advanced eight at a time
-// (advance_states), reading f32 rows in place when the layout allows, and C·h is summed eight channels at a
-// time (sum_rows8). OpenMP over blocks when the step is big enough.
+// (advance_states), reading f32 rows in place when the layout allows (with fewer than eight states, the
+// block's states as one flat array), and C·h is summed eight channels at a time (sum_rows8). OpenMP over
+// blocks when the step is big enough.
 #include <algorithm>
 
 #include "cpu_common.h"  // includes compressm/scan_recurrence.h after its diagnostic pragma
@@ -28,23 +29,35 @@ struct BlockArgs {
   int b, d0, n;  // batch, first channel, channels in the block
 };
 
+// The f32 B or C row of channel d for channels visited in order from d0: the group's row, moved on where
+// the next group starts (no division per channel).
+class GroupRow {
+ public:
+  GroupRow(const Operand& op, int groups, int dim, int b, int d0)
+      : per_group_(dim / groups), next_((d0 / per_group_ + 1) * per_group_), stride_(op.stride1),
+        row_(static_cast<const float*>(op.data) + b * op.stride0 + (d0 / per_group_) * op.stride1) {}
+  COMPRESSM_ALWAYS_INLINE const float* at(int d) {
+    if (d == next_) row_ += stride_, next_ += per_group_;
+    return row_;
+  }
+
+ private:
+  int per_group_, next_;
+  int64_t stride_;
+  const float* row_;
+};
+
 // The common case: f32 state, B and C with unit stride along N, no per-channel mask. Each channel reads
 // its rows in place; lanes[i] = channel d0 + i's C·h folded to eight lanes.
 template <int kN>
 COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* delta, const float* x, v8f* lanes) {
   const StateUpdateParams& p = *a.p;
   const int N = kN > 0 ? kN : p.dstate, b = a.b, d0 = a.d0;
-  // B/C rows of the group of channel d0, and the channel where the next group starts (no division per channel).
-  const int per_group_b = p.dim / p.groups_b, per_group_c = p.dim / p.groups_c;
-  const float* B = static_cast<const float*>(p.B.data) + b * p.B.stride0 + (d0 / per_group_b) * p.B.stride1;
-  const float* C = static_cast<const float*>(p.C.data) + b * p.C.stride0 + (d0 / per_group_c) * p.C.stride1;
-  int next_b = (d0 / per_group_b + 1) * per_group_b, next_c = (d0 / per_group_c + 1) * per_group_c;
+  GroupRow B(p.B, p.groups_b, p.dim, b, d0), C(p.C, p.groups_c, p.dim, b, d0);
   float* h0 = static_cast<float*>(p.state) + b * p.state_stride0;
   for (int i = 0; i < a.n; ++i) {
     const int d = d0 + i;
-    if (d == next_b) B += p.B.stride1, next_b += per_group_b;
-    if (d == next_c) C += p.C.stride1, next_c += per_group_c;
-    lanes[i] = advance_states<kN>(N, delta[i], delta[i] * x[i], p.A + static_cast<int64_t>(d) * N, B, C,
+    lanes[i] = advance_states<kN>(N, delta[i], delta[i] * x[i], p.A + static_cast<int64_t>(d) * N, B.at(d), C.at(d),
                                   h0 + d * p.state_stride1);
   }
 }
@@ -56,20 +69,15 @@ COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* 
 COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* delta, const float* x, float* y) {
   const StateUpdateParams& p = *a.p;
   const int N = p.dstate, b = a.b, d0 = a.d0, total = a.n * N;
-  const int per_group_b = p.dim / p.groups_b, per_group_c = p.dim / p.groups_c;
-  const float* B_row = static_cast<const float*>(p.B.data) + b * p.B.stride0 + (d0 / per_group_b) * p.B.stride1;
-  const float* C_row = static_cast<const float*>(p.C.data) + b * p.C.stride0 + (d0 / per_group_c) * p.C.stride1;
-  int next_b = (d0 / per_group_b + 1) * per_group_b, next_c = (d0 / per_group_c + 1) * per_group_c;
+  GroupRow B_rows(p.B, p.groups_b, p.dim, b, d0), C_rows(p.C, p.groups_c, p.dim, b, d0);
   alignas(32) float dl[kBlock * 8], dx[kBlock * 8], B[kBlock * 8], C[kBlock * 8], prod[kBlock * 8];
   // One loop over (channel, state) pairs with its own counters: GCC would turn a loop over a row into a
   // memcpy call per channel, which costs more than the row.
+  const float* B_row = B_rows.at(d0);
+  const float* C_row = C_rows.at(d0);
   for (int e = 0, i = 0, k = 0; e < total; ++e) {
     dl[e] = delta[i], dx[e] = delta[i] * x[i], B[e] = B_row[k], C[e] = C_row[k];
-    if (++k == N) {
-      k = 0, ++i;
-      if (d0 + i == next_b) B_row += p.B.stride1, next_b += per_group_b;
-      if (d0 + i == next_c) C_row += p.C.stride1, next_c += per_group_c;
-    }
+    if (++k == N && ++i < a.n) k = 0, B_row = B_rows.at(d0 + i), C_row = C_rows.at(d0 + i);
   }
   float* h = static_cast<float*>(p.state) + b * p.state_stride0 + static_cast<int64_t>(d0) * N;
   const float* A = p.A + static_cast<int64_t>(d0) * N;
