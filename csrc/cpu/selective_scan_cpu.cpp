@@ -52,14 +52,35 @@ COMPRESSM_ALWAYS_INLINE void sum_steps(v8f* lanes, int T, float* y) {
   }
 }
 
-// kR > 0: the state count known at compile time (a fully unrolled state loop, no loop control per step).
+// kR > 0: a state count known at compile time, a multiple of 8: the chunk runs with the state in registers
+// (through memory, each step's update would wait for the previous step's store to be forwarded, which at
+// small N is the critical path). kR = 0: any r, one advance_states per step.
 template <bool kHist, int kR>
 COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
   v8f lanes[kMaxChunk + 8];  // per step, C_t·h_t folded to eight lanes
-  for (int t = 0; t < a.T; ++t) {
-    float* hist = kHist ? a.hist + static_cast<int64_t>(t) * a.r : nullptr;
-    lanes[t] = advance_states<kR, kHist>(a.r, a.delta[t], a.delta_u[t], a.A, a.B + t * a.ldb, a.C + t * a.ldc,
-                                         a.h, hist);
+  if constexpr (kR > 0) {
+    constexpr int kV = kR / 8;
+    v8f h[kV], A[kV];
+    for (int j = 0; j < kV; ++j) h[j] = load8(a.h + 8 * j), A[j] = load8(a.A + 8 * j);
+    for (int t = 0; t < a.T; ++t) {
+      const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
+      const float* B = a.B + t * a.ldb;
+      const float* C = a.C + t * a.ldc;
+      v8f acc{};
+      for (int j = 0; j < kV; ++j) {
+        h[j] = forward_step(h[j], delta, A[j], delta_u, load8(B + 8 * j));
+        if (kHist) store8(a.hist + static_cast<int64_t>(t) * kR + 8 * j, h[j]);
+        acc += load8(C + 8 * j) * h[j];
+      }
+      lanes[t] = acc;
+    }
+    for (int j = 0; j < kV; ++j) store8(a.h + 8 * j, h[j]);
+  } else {
+    for (int t = 0; t < a.T; ++t) {
+      float* hist = kHist ? a.hist + static_cast<int64_t>(t) * a.r : nullptr;
+      lanes[t] = advance_states<0, kHist>(a.r, a.delta[t], a.delta_u[t], a.A, a.B + t * a.ldb, a.C + t * a.ldc,
+                                          a.h, hist);
+    }
   }
   sum_steps(lanes, a.T, a.y);
 }
@@ -106,9 +127,8 @@ struct ReverseArgs {
 // One reverse step of r states: dB/dC/dA rows accumulated, carry updated in place; returns dΔ_t and du_t
 // folded to eight lanes. Explicit 8-lane code as advance_states, with its overlapping tail vector: computed
 // from the old carry first, stored last, and only its new lanes added to the accumulators.
-template <int kR>
 COMPRESSM_ALWAYS_INLINE void reverse_states(const ReverseArgs& a, int t, v8f& ddelta, v8f& du) {
-  const int r = kR > 0 ? kR : a.r;
+  const int r = a.r;
   const float* __restrict A = a.A;
   float* __restrict carry = a.carry;
   float* __restrict dA = a.dA;
@@ -166,10 +186,43 @@ COMPRESSM_ALWAYS_INLINE void reverse_states(const ReverseArgs& a, int t, v8f& dd
   }
 }
 
+// As forward_core: kR > 0 (a multiple of 8) keeps the carry and dA in registers across the chunk's steps.
 template <int kR>
 COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
   v8f lanes_ddelta[kMaxChunk + 8], lanes_du[kMaxChunk + 8];  // per step, folded to eight lanes
-  for (int t = a.T - 1; t >= 0; --t) reverse_states<kR>(a, t, lanes_ddelta[t], lanes_du[t]);
+  if constexpr (kR > 0) {
+    constexpr int kV = kR / 8;
+    v8f carry[kV], A[kV], dA[kV];
+    for (int j = 0; j < kV; ++j) {
+      carry[j] = load8(a.carry + 8 * j), A[j] = load8(a.A + 8 * j), dA[j] = load8(a.dA + 8 * j);
+    }
+    for (int t = a.T - 1; t >= 0; --t) {
+      const float* hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * kR : a.h_in;
+      const float* ht = a.hist + static_cast<int64_t>(t) * kR;
+      const float* Bt = a.B + t * a.ldb;
+      const float* Ct = a.C + t * a.ldc;
+      float* dBt = a.dB + t * a.lddb;
+      float* dCt = a.dC + t * a.lddc;
+      const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), u = broadcast8(a.u[t]);
+      v8f ddelta{}, du{};
+      for (int j = 0; j < kV; ++j) {
+        const int k = 8 * j;
+        const StepGradsOf<v8f> g = reverse_step(carry[j], dy, d, A[j], u, load8(Bt + k), load8(Ct + k), load8(hp + k),
+                                                load8(ht + k));
+        store8(dBt + k, load8(dBt + k) + g.dB);
+        store8(dCt + k, load8(dCt + k) + g.dC);
+        dA[j] += g.dA;
+        carry[j] = g.carry;
+        ddelta += g.ddelta;
+        du += g.du;
+      }
+      lanes_ddelta[t] = ddelta;
+      lanes_du[t] = du;
+    }
+    for (int j = 0; j < kV; ++j) store8(a.carry + 8 * j, carry[j]), store8(a.dA + 8 * j, dA[j]);
+  } else {
+    for (int t = a.T - 1; t >= 0; --t) reverse_states(a, t, lanes_ddelta[t], lanes_du[t]);
+  }
   sum_steps(lanes_ddelta, a.T, a.ddelta);
   sum_steps(lanes_du, a.T, a.du);
 }
