@@ -20,7 +20,7 @@ NO_FLAGS = {"has_D": False, "has_z": False, "has_delta_bias": False, "delta_soft
 
 CASES = [
     # awkward N at small D (L = 200 spans several chunks of cpu.MIN_CHUNK steps)
-    *(Case(dim=4, seqlen=200, dstate=n) for n in (1, 12, 13, 16, 64)),
+    *(Case(dim=4, seqlen=200, dstate=n) for n in (1, 2, 3, 4, 7, 9, 12, 13, 16, 64)),  # every kernel size path
     Case(batch=1, dim=3, seqlen=63, dstate=256),
     Case(dim=5, seqlen=1, dstate=12),
     Case(dim=5, seqlen=63, dstate=13, **NO_FLAGS),

@@ -148,16 +148,15 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
                                            const float* __restrict B, const float* __restrict C,
                                            float* __restrict h, float* __restrict hist = nullptr) {
   const int r = kR > 0 ? kR : r_runtime;
-  if (r < 8) {  // fewer states than lanes: the compiler's loop (its scalar epilogue), products summed after
-    alignas(32) float prod[8] = {};
-#pragma omp simd
+  if (r < 8) {  // fewer states than lanes: a scalar loop (a vector loop would be all epilogue), sum in lane 0
+    float sum = 0.0f;
     for (int k = 0; k < r; ++k) {
       const float hk = forward_step(h[k], delta, A[k], delta_x, B[k]);
       h[k] = hk;
       if (kHist) hist[k] = hk;
-      prod[k] = C[k] * hk;
+      sum += C[k] * hk;
     }
-    return load8(prod);
+    return v8f{sum};
   }
   const v8f dl = broadcast8(delta), dx = broadcast8(delta_x);
   const int tail = r % 8, full = r - tail;

@@ -52,29 +52,52 @@ COMPRESSM_ALWAYS_INLINE void sum_steps(v8f* lanes, int T, float* y) {
   }
 }
 
-// kR > 0: a state count known at compile time, a multiple of 8: the chunk runs with the state in registers
-// (through memory, each step's update would wait for the previous step's store to be forwarded, which at
-// small N is the critical path). kR = 0: any r, one advance_states per step.
+// The kR states at p as one 8-lane vector (per 8 of them): kR < 8 fills the first kR lanes and zeroes the rest,
+// which carry A = h = B = C = 0 through every step and add nothing; otherwise kR is a multiple of 8.
+template <int kR>
+COMPRESSM_ALWAYS_INLINE v8f load_states(const float* p) {
+  static_assert(kR < 8 || kR % 8 == 0);
+  if constexpr (kR >= 8) {
+    return load8(p);
+  } else {  // lane by lane: a partial memcpy into a vector goes through the stack
+    v8f v{};
+    for (int k = 0; k < kR; ++k) v[k] = p[k];
+    return v;
+  }
+}
+
+template <int kR>
+COMPRESSM_ALWAYS_INLINE void store_states(float* p, v8f v) {
+  if constexpr (kR >= 8) {
+    store8(p, v);
+  } else {
+    for (int k = 0; k < kR; ++k) p[k] = v[k];
+  }
+}
+
+// kR > 0: a state count known at compile time: the chunk runs with the state in registers (through memory,
+// each step's update would wait for the previous step's store to be forwarded, which at small N is the
+// critical path), as 8-lane vectors (load_states). kR = 0: any r, one advance_states per step.
 template <bool kHist, int kR>
 COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
   v8f lanes[kMaxChunk + 8];  // per step, C_t·h_t folded to eight lanes
   if constexpr (kR > 0) {
-    constexpr int kV = kR / 8;
+    constexpr int kV = (kR + 7) / 8;
     v8f h[kV], A[kV];
-    for (int j = 0; j < kV; ++j) h[j] = load8(a.h + 8 * j), A[j] = load8(a.A + 8 * j);
+    for (int j = 0; j < kV; ++j) h[j] = load_states<kR>(a.h + 8 * j), A[j] = load_states<kR>(a.A + 8 * j);
     for (int t = 0; t < a.T; ++t) {
       const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
       const float* B = a.B + t * a.ldb;
       const float* C = a.C + t * a.ldc;
       v8f acc{};
       for (int j = 0; j < kV; ++j) {
-        h[j] = forward_step(h[j], delta, A[j], delta_u, load8(B + 8 * j));
-        if (kHist) store8(a.hist + static_cast<int64_t>(t) * kR + 8 * j, h[j]);
-        acc += load8(C + 8 * j) * h[j];
+        h[j] = forward_step(h[j], delta, A[j], delta_u, load_states<kR>(B + 8 * j));
+        if (kHist) store_states<kR>(a.hist + static_cast<int64_t>(t) * kR + 8 * j, h[j]);
+        acc += load_states<kR>(C + 8 * j) * h[j];
       }
       lanes[t] = acc;
     }
-    for (int j = 0; j < kV; ++j) store8(a.h + 8 * j, h[j]);
+    for (int j = 0; j < kV; ++j) store_states<kR>(a.h + 8 * j, h[j]);
   } else {
     for (int t = 0; t < a.T; ++t) {
       float* hist = kHist ? a.hist + static_cast<int64_t>(t) * a.r : nullptr;
@@ -85,10 +108,18 @@ COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
   sum_steps(lanes, a.T, a.y);
 }
 
-// The usual compacted sizes get their own unrolled loops; other ranks take the general loop.
+// Every rank below 8 (what a deep cut leaves), 8 and 16 get their own unrolled, register-resident loops;
+// other ranks take the general loop.
 template <bool kHist>
 COMPRESSM_ALWAYS_INLINE void forward_core_sized(const ForwardArgs& a) {
   switch (a.r) {
+    case 1: forward_core<kHist, 1>(a); break;
+    case 2: forward_core<kHist, 2>(a); break;
+    case 3: forward_core<kHist, 3>(a); break;
+    case 4: forward_core<kHist, 4>(a); break;
+    case 5: forward_core<kHist, 5>(a); break;
+    case 6: forward_core<kHist, 6>(a); break;
+    case 7: forward_core<kHist, 7>(a); break;
     case 8: forward_core<kHist, 8>(a); break;
     case 16: forward_core<kHist, 16>(a); break;
     default: forward_core<kHist, 0>(a);
@@ -138,21 +169,20 @@ COMPRESSM_ALWAYS_INLINE void reverse_states(const ReverseArgs& a, int t, v8f& dd
   const float* __restrict Ct = a.C + t * a.ldc;
   float* __restrict dBt = a.dB + t * a.lddb;
   float* __restrict dCt = a.dC + t * a.lddc;
-  if (r < 8) {  // fewer states than lanes: the compiler's loop, partial sums after
-    alignas(32) float part_ddelta[8] = {}, part_du[8] = {};
+  if (r < 8) {  // fewer states than lanes: a scalar loop (a vector loop would be all epilogue), sums in lane 0
+    float sum_ddelta = 0.0f, sum_du = 0.0f;
     const float dy = a.dy[t], d = a.delta[t], u = a.u[t];
-#pragma omp simd
     for (int k = 0; k < r; ++k) {
       const StepGrads g = reverse_step(carry[k], dy, d, A[k], u, Bt[k], Ct[k], hp[k], ht[k]);
       dBt[k] += g.dB;
       dCt[k] += g.dC;
       dA[k] += g.dA;
       carry[k] = g.carry;
-      part_ddelta[k] = g.ddelta;
-      part_du[k] = g.du;
+      sum_ddelta += g.ddelta;
+      sum_du += g.du;
     }
-    ddelta = load8(part_ddelta);
-    du = load8(part_du);
+    ddelta = v8f{sum_ddelta};
+    du = v8f{sum_du};
     return;
   }
   const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), u = broadcast8(a.u[t]);
@@ -186,15 +216,16 @@ COMPRESSM_ALWAYS_INLINE void reverse_states(const ReverseArgs& a, int t, v8f& dd
   }
 }
 
-// As forward_core: kR > 0 (a multiple of 8) keeps the carry and dA in registers across the chunk's steps.
+// As forward_core: kR > 0 keeps the carry and dA in registers across the chunk's steps.
 template <int kR>
 COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
   v8f lanes_ddelta[kMaxChunk + 8], lanes_du[kMaxChunk + 8];  // per step, folded to eight lanes
   if constexpr (kR > 0) {
-    constexpr int kV = kR / 8;
+    constexpr int kV = (kR + 7) / 8;
     v8f carry[kV], A[kV], dA[kV];
     for (int j = 0; j < kV; ++j) {
-      carry[j] = load8(a.carry + 8 * j), A[j] = load8(a.A + 8 * j), dA[j] = load8(a.dA + 8 * j);
+      const int k = 8 * j;
+      carry[j] = load_states<kR>(a.carry + k), A[j] = load_states<kR>(a.A + k), dA[j] = load_states<kR>(a.dA + k);
     }
     for (int t = a.T - 1; t >= 0; --t) {
       const float* hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * kR : a.h_in;
@@ -207,10 +238,11 @@ COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
       v8f ddelta{}, du{};
       for (int j = 0; j < kV; ++j) {
         const int k = 8 * j;
-        const StepGradsOf<v8f> g = reverse_step(carry[j], dy, d, A[j], u, load8(Bt + k), load8(Ct + k), load8(hp + k),
-                                                load8(ht + k));
-        store8(dBt + k, load8(dBt + k) + g.dB);
-        store8(dCt + k, load8(dCt + k) + g.dC);
+        const StepGradsOf<v8f> g = reverse_step(carry[j], dy, d, A[j], u, load_states<kR>(Bt + k),
+                                                load_states<kR>(Ct + k), load_states<kR>(hp + k),
+                                                load_states<kR>(ht + k));
+        store_states<kR>(dBt + k, load_states<kR>(dBt + k) + g.dB);
+        store_states<kR>(dCt + k, load_states<kR>(dCt + k) + g.dC);
         dA[j] += g.dA;
         carry[j] = g.carry;
         ddelta += g.ddelta;
@@ -219,7 +251,7 @@ COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
       lanes_ddelta[t] = ddelta;
       lanes_du[t] = du;
     }
-    for (int j = 0; j < kV; ++j) store8(a.carry + 8 * j, carry[j]), store8(a.dA + 8 * j, dA[j]);
+    for (int j = 0; j < kV; ++j) store_states<kR>(a.carry + 8 * j, carry[j]), store_states<kR>(a.dA + 8 * j, dA[j]);
   } else {
     for (int t = a.T - 1; t >= 0; --t) reverse_states(a, t, lanes_ddelta[t], lanes_du[t]);
   }
@@ -229,6 +261,13 @@ COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
 
 COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
   switch (a.r) {
+    case 1: reverse_core<1>(a); break;
+    case 2: reverse_core<2>(a); break;
+    case 3: reverse_core<3>(a); break;
+    case 4: reverse_core<4>(a); break;
+    case 5: reverse_core<5>(a); break;
+    case 6: reverse_core<6>(a); break;
+    case 7: reverse_core<7>(a); break;
     case 8: reverse_core<8>(a); break;
     case 16: reverse_core<16>(a); break;
     default: reverse_core<0>(a);
