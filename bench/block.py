@@ -76,20 +76,24 @@ def run(args: argparse.Namespace) -> Bench:
             train_step(block, opt, x)()  # Adam moments exist, so surgery slices real optimizer state
             return block, opt
 
-        group = "train step"
-        block, opt = fresh()
-        bench.time(f"full N={n}", train_step(block, opt, x), group=group, baseline=True, variant="full", N=n)
+        steps, extras = {}, {}  # every variant's training step, timed round-robin in one group
+
+        def add(name: str, block: Mamba, opt: torch.optim.Optimizer, **extra: object) -> None:
+            steps[name], extras[name] = train_step(block, opt, x), extra
+
+        add(f"full N={n}", *fresh(), variant="full", N=n)
         for k in cuts:
             block, opt = fresh()
             compress_model(block, [x], rank=k, optimizer=opt)
             if block.d_state != k:
                 raise RuntimeError(f"compress_model(rank={k}) left N={block.d_state}")
-            bench.time(f"compacted N={k}", train_step(block, opt, x), group=group, variant="compacted", N=k)
+            add(f"compacted N={k}", block, opt, variant="compacted", N=k)
             block, opt = fresh()
             mask = torch.zeros(n, dtype=torch.bool, device=args.device)
             mask[:k] = True
             block.set_state_mask(mask)
-            bench.time(f"masked {k}/{n}", train_step(block, opt, x), group=group, variant="masked", N=k)
+            add(f"masked {k}/{n}", block, opt, variant="masked", N=k)
+        bench.compare("train step", steps, baseline=f"full N={n}", extras=extras)
     finally:
         if previous is None:
             os.environ.pop("COMPRESSM_BACKEND")

@@ -103,10 +103,11 @@ def run(args: argparse.Namespace) -> Bench:
     order = [baseline, *(b for b in runnable if b != baseline)]
     for n in dstates:
         t = make_tensors(batch, dim, n, args.device)
-        for backend in order:
-            fn = step_fn(backend, t)
-            row = bench.time(f"{backend} step N={n}", lambda fn=fn: [fn() for _ in range(steps)],
-                             group=f"N={n}", baseline=backend == baseline, backend=backend, N=n)
+        step_fns = {b: step_fn(b, t) for b in order}
+        fns = {f"{b} step N={n}": lambda fn=step_fns[b]: [fn() for _ in range(steps)] for b in order}
+        rows = bench.compare(f"N={n}", fns, baseline=f"{baseline} step N={n}",
+                             extras={f"{b} step N={n}": dict(backend=b, N=n) for b in order})
+        for row in rows.values():
             row.extra["us/step"] = row.median_ms * 1e3 / steps
             row.extra["tok/s"] = batch / (row.median_ms * 1e-3 / steps)
     publish(bench, args, "decode", columns=["N", "us/step", "tok/s"], plots={

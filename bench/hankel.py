@@ -77,11 +77,13 @@ def run(args: argparse.Namespace) -> Bench:
             group, info = f"D={dim} N={n}", dict(D=dim, N=n)
             acc = HankelAccumulator()
             acc.update(u, delta, A, B, C)
+            scipy_name, closed_name = f"scipy Lyapunov loop {group}", f"closed form {group}"
+            timed, extras = {}, {scipy_name: dict(op="scipy", **info), closed_name: dict(op="closed form", **info)}
             if dim <= opt["scipy_max_dim"]:
                 moments = (acc.sum_a / acc.count, acc.sum_MB / acc.count, acc.sum_MC / acc.count)
-                bench.time(f"scipy Lyapunov loop {group}", lambda m=moments: scipy_hsv(*m), group=group,
-                           baseline=True, op="scipy", **info)
-            bench.time(f"closed form {group}", acc.energies, group=group, op="closed form", **info)
+                timed[scipy_name] = lambda m=moments: scipy_hsv(*m)
+            timed[closed_name] = acc.energies
+            bench.compare(group, timed, baseline=scipy_name if scipy_name in timed else None, extras=extras)
             bench.time(f"accumulate {group}", lambda x=(u, delta, A, B, C): HankelAccumulator().update(*x),
                        group=f"accumulate {group}", op="accumulate", **info)
     publish(bench, args, "hankel", columns=["D", "N"], plots={"": dict(x="N", series="op", panel="D")})

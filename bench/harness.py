@@ -9,7 +9,12 @@ Every suite (``python -m bench <suite>``) uses it::
     bench.plot("bench/results/scan.png", x="N", series="backend", panel="pass")
 
 Rows of one ``group`` are compared with the group's baseline row (``vs base`` = baseline time / this time,
-> 1 is faster). Keyword extras become table columns, JSON fields and the plot's axes/series.
+> 1 is faster). Keyword extras become table columns, JSON fields and the plot's axes/series. ``compare`` times
+a whole group round-robin, one call of each in turn, so a slow spell of a shared machine (this VM's speed
+drifts by a quarter over seconds) lands on every row of the group instead of skewing their ratios::
+
+    bench.compare("fwd N=16", {"reference fwd N=16": ref, "cpu fwd N=16": ours}, baseline="reference fwd N=16",
+                  extras={"cpu fwd N=16": dict(backend="cpu", N=16)})
 """
 
 from __future__ import annotations
@@ -75,35 +80,49 @@ class Row:
         return getattr(self, key) if key in self.__dataclass_fields__ and key != "extra" else self.extra.get(key)
 
 
-def measure(fn: Callable[[], object], device: str, warmup: int = 3, repeats: int = 10,
-            min_seconds: float = 0.0) -> tuple[list[float], float | None]:
-    """Times of ``repeats`` calls (ms) after ``warmup`` calls, and the peak memory of one call (MB, CUDA)."""
-    cuda = device.startswith("cuda")
-    for _ in range(warmup):
-        fn()
-    peak = None
+def _timed_call(fn: Callable[[], object], cuda: bool) -> float:
+    """One call of ``fn`` in ms (CUDA: between events on the current stream)."""
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    times: list[float] = []
-    start_all = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start_all < min_seconds:
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _peak_mb(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory of one call of ``fn`` above what was allocated before it (MB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(fns: list[Callable[[], object]], device: str, warmup: int = 3,
+            repeats: int = 10) -> list[tuple[list[float], float | None]]:
+    """Per callable: the times of ``repeats`` calls (ms) and the peak memory of one call (MB, CUDA only).
+
+    Each callable is warmed up and its memory taken in turn; then the timed calls go round-robin, each round
+    starting one callable later, so drift in the machine's speed is shared by all of them.
+    """
+    cuda = device.startswith("cuda")
+    peaks: list[float | None] = []
+    for fn in fns:
+        for _ in range(warmup):
             fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times, peak
+        peaks.append(_peak_mb(fn) if cuda else None)
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        for k in range(len(fns)):
+            i = (r + k) % len(fns)
+            times[i].append(_timed_call(fns[i], cuda))
+    return list(zip(times, peaks, strict=True))
 
 
 class Bench:
@@ -118,21 +137,35 @@ class Bench:
     def time(self, name: str, fn: Callable[[], object], *, group: str = "", baseline: bool = False,
              warmup: int | None = None, repeats: int | None = None, **extra: object) -> Row:
         """Time ``fn`` and add a row; ``baseline=True`` makes it the reference of its ``group``."""
-        times, peak = measure(fn, self.device, self.warmup if warmup is None else warmup,
-                              self.repeats if repeats is None else repeats)
-        # "inclusive": quantiles stay within the measured times (the default extrapolates from few samples).
-        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
-        row = Row(name, group, statistics.median(times), q[0], q[3], peak, extra=dict(extra))
-        if baseline:
-            self._baselines[group] = row.median_ms
+        return self.compare(group, {name: fn}, baseline=name if baseline else None, extras={name: extra},
+                            warmup=warmup, repeats=repeats)[name]
+
+    def compare(self, group: str, fns: dict[str, Callable[[], object]], *, baseline: str | None = None,
+                extras: dict[str, dict] | None = None, warmup: int | None = None,
+                repeats: int | None = None) -> dict[str, Row]:
+        """Time ``fns`` (row name -> callable) round-robin and add their rows to ``group`` in that order;
+        ``baseline`` names the group's reference row; ``extras`` gives a row's keyword extras."""
+        if baseline is not None and baseline not in fns:
+            raise ValueError(f"baseline {baseline!r} is not one of the rows {list(fns)}")
+        measured = measure(list(fns.values()), self.device, self.warmup if warmup is None else warmup,
+                           self.repeats if repeats is None else repeats)
+        rows = {}
+        for name, (times, peak) in zip(fns, measured, strict=True):
+            # "inclusive": quantiles stay within the measured times (the default extrapolates from few samples).
+            q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
+            rows[name] = Row(name, group, statistics.median(times), q[0], q[3], peak,
+                             extra=dict((extras or {}).get(name, {})))
+            print(f"  {name}: {rows[name].median_ms:.3f} ms", file=sys.stderr, flush=True)  # progress of long runs
+        if baseline is not None:
+            self._baselines[group] = rows[baseline].median_ms
             for other in self.rows:
                 if other.group == group:
-                    other.ratio = row.median_ms / other.median_ms
-        if group in self._baselines:
-            row.ratio = self._baselines[group] / row.median_ms
-        self.rows.append(row)
-        print(f"  {name}: {row.median_ms:.3f} ms", file=sys.stderr, flush=True)  # progress of long runs
-        return row
+                    other.ratio = self._baselines[group] / other.median_ms
+        for row in rows.values():
+            if group in self._baselines:
+                row.ratio = self._baselines[group] / row.median_ms
+            self.rows.append(row)
+        return rows
 
     def note(self, text: str) -> None:
         """A line printed under the header (a skipped backend and why, a baseline's definition)."""

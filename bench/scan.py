@@ -217,16 +217,17 @@ def run(args: argparse.Namespace) -> Bench:
         for n in dstates:
             inputs = make_inputs(*shape, n, dtype, device)
             nbytes = bytes_moved(*shape, n, elt)
-            for backend in order:
-                run_ = Runner(fns[backend], inputs)
-                for pass_name in (p for p in ("fwd", "bwd", "fwd+bwd") if p in passes):
-                    fn = {"fwd": run_.fwd, "fwd+bwd": run_.fwd_bwd}.get(pass_name) or run_.make_bwd()
-                    row = bench.time(f"{backend} {pass_name} N={n}", fn, group=f"{pass_name} N={n}",
-                                     baseline=backend == baseline, kind="plain", backend=backend, N=n,
-                                     **{"pass": pass_name})
+            runners = {backend: Runner(fns[backend], inputs) for backend in order}
+            for pass_name in (p for p in ("fwd", "bwd", "fwd+bwd") if p in passes):
+                names = {backend: f"{backend} {pass_name} N={n}" for backend in order}
+                timed = {names[b]: {"fwd": r.fwd, "fwd+bwd": r.fwd_bwd}.get(pass_name) or r.make_bwd()
+                         for b, r in runners.items()}
+                rows = bench.compare(f"{pass_name} N={n}", timed, baseline=names[baseline], extras={
+                    names[b]: {"kind": "plain", "backend": b, "N": n, "pass": pass_name} for b in order})
+                for row in rows.values():
                     row.extra["GB/s"] = nbytes[pass_name] / (row.median_ms * 1e-3) / 1e9
-                del run_
-            del inputs
+                del timed, rows  # bwd closures hold a graph each
+            del runners, inputs
 
         if "fwd+bwd" in passes:  # the masked/compacted and ranks rows time fwd+bwd
             full = make_inputs(*shape, n_max, dtype, device)
@@ -237,23 +238,26 @@ def run(args: argparse.Namespace) -> Bench:
                 mask[keep] = True
                 compact = {**full, "A": full["A"][:, keep], "B": full["B"][:, keep], "C": full["C"][:, keep]}
                 for backend in maskable:
-                    group = f"{backend} mask {k}/{n_max}"
-                    bench.time(f"{backend} masked {k}/{n_max}", Runner(fns[backend], full, mask.to(device)).fwd_bwd,
-                               group=group, baseline=True, kind="mask", backend=backend, variant="masked-full", kept=k,
-                               N=n_max)
-                    bench.time(f"{backend} compacted N={k}", Runner(fns[backend], compact).fwd_bwd, group=group,
-                               kind="mask", backend=backend, variant="compacted", kept=k, N=k)
+                    masked, compacted = f"{backend} masked {k}/{n_max}", f"{backend} compacted N={k}"
+                    bench.compare(f"{backend} mask {k}/{n_max}", {
+                        masked: Runner(fns[backend], full, mask.to(device)).fwd_bwd,
+                        compacted: Runner(fns[backend], compact).fwd_bwd,
+                    }, baseline=masked, extras={
+                        masked: dict(kind="mask", backend=backend, variant="masked-full", kept=k, N=n_max),
+                        compacted: dict(kind="mask", backend=backend, variant="compacted", kept=k, N=k),
+                    })
 
             low = max(1, opt["rank"] // 3)
             ranks = torch.randint(low, 2 * opt["rank"] - low + 1, (shape[1],), generator=gen).clamp(1, n_max)
             per_channel = torch.arange(n_max)[None, :] < ranks[:, None]
             per_channel = torch.stack([row[torch.randperm(n_max, generator=gen)] for row in per_channel])
             for backend in maskable:
-                group = f"{backend} ranks ~{ranks.float().mean():.1f}/{n_max}"
-                bench.time(f"{backend} full N={n_max}", Runner(fns[backend], full).fwd_bwd, group=group, baseline=True,
-                           kind="ranks", backend=backend, N=n_max)
-                bench.time(f"{backend} per-channel ranks", Runner(fns[backend], full, per_channel.to(device)).fwd_bwd,
-                           group=group, kind="ranks", backend=backend, N=n_max)
+                plain, ranked = f"{backend} full N={n_max}", f"{backend} per-channel ranks"
+                extra = dict(kind="ranks", backend=backend, N=n_max)
+                bench.compare(f"{backend} ranks ~{ranks.float().mean():.1f}/{n_max}", {
+                    plain: Runner(fns[backend], full).fwd_bwd,
+                    ranked: Runner(fns[backend], full, per_channel.to(device)).fwd_bwd,
+                }, baseline=plain, extras={plain: extra, ranked: extra})
 
     publish(bench, args, "scan", columns=["N", "GB/s"], plots={
         "": dict(x="N", series="backend", panel="pass", where=lambda r: r.extra.get("kind") == "plain"),

@@ -61,6 +61,21 @@ def test_ratios_are_to_the_group_baseline() -> None:
     assert "fast" in bench.table() and "1.00x" in bench.table()
 
 
+def test_compare_times_a_group_round_robin() -> None:
+    # Warm-ups one callable at a time, then rounds of one call each, every round starting one later, so a slow
+    # spell of the machine is shared by all rows of the group.
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    bench = Bench("t", repeats=3, warmup=1)
+    rows = bench.compare("g", fns, baseline="b", extras={"a": {"N": 4}})
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [r.name for r in bench.rows] == ["a", "b", "c"] and rows["b"].ratio == 1.0
+    assert rows["a"].extra == {"N": 4} and rows["c"].extra == {}
+    assert rows["a"].ratio == pytest.approx(rows["b"].median_ms / rows["a"].median_ms)
+    with pytest.raises(ValueError, match="baseline 'z' is not one of the rows"):
+        bench.compare("h", fns, baseline="z")
+
+
 def test_unknown_backend_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown backend 'nope'"):
         bench_main(["scan", "--backends", "nope", "--json-dir", "", "--plots-dir", ""])
