@@ -248,3 +248,16 @@ def test_decay_exp_matches_torch_over_its_range(dstate: int) -> None:
     finite = ~torch.isnan(expected)
     torch.testing.assert_close(state[finite], expected[finite], rtol=3e-7, atol=1e-37)
     assert torch.all(state[(A < -88.0)[None].expand_as(state)] == 0)
+
+
+def test_softplus_of_dt_matches_float64_over_its_range() -> None:
+    # With h = 0, x = 1, B = 1 and A = 0 the new state is Δ = softplus(dt) itself: within 3 fp32 ulp of the
+    # float64 value from underflow to past torch's threshold (x above 20), NaN kept, -inf to 0 (+inf would
+    # make Δ·A = inf·0 NaN).
+    dt = torch.cat([torch.linspace(-87.0, 30.0, 100_003), torch.tensor([float("nan"), -float("inf")])])
+    dim = dt.numel()
+    state = torch.zeros(1, dim, 1)
+    selective_state_update(state, torch.ones(1, dim), dt[None], torch.zeros(dim, 1), torch.ones(1, 1),
+                           torch.zeros(1, 1), dt_softplus=True, backend="cpu")
+    expected = torch.nn.functional.softplus(dt.double()).float()
+    torch.testing.assert_close(state[0, :, 0], expected, rtol=3 * 2.0**-23, atol=0.0, equal_nan=True)
