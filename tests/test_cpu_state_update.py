@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -236,17 +238,23 @@ def test_channel_with_every_state_masked_outputs_the_skip_only() -> None:
 @pytest.mark.parametrize("dstate", [5, 24, 29], ids=str)  # the compiler's loop; full 8-lane vectors; a tail
 def test_decay_exp_matches_torch_over_its_range(dstate: int) -> None:
     # The kernels' exp is a polynomial: with h = 1, x = 0 and Δ = 1 the new state is exactly exp(A), which
-    # must match torch.exp to fp32 rounding from deep underflow (exactly 0) to near overflow, and keep NaN.
+    # must match torch.exp to fp32 rounding from deep underflow (exactly 0) to where 2^k tops out (88.37), and
+    # keep NaN. Above that it stays finite to 1e-5 until exp overflows to inf (88.72), as expf does.
     dim = 40
-    A = torch.linspace(-100.0, 85.0, dim * dstate).reshape(dim, dstate)
+    A = torch.linspace(-100.0, 88.3, dim * dstate).reshape(dim, dstate)
     A[3, 1] = float("nan")
+    A[4, :4] = torch.tensor([88.7, 88.8, 1e30, float("inf")])
+    top = torch.zeros(dim, dstate, dtype=torch.bool)
+    top[4, :4] = True
     state = torch.ones(1, dim, dstate)
     zeros = torch.zeros(1, dstate)
     selective_state_update(state, torch.zeros(1, dim), torch.ones(1, dim), A, zeros, zeros, backend="cpu")
     expected = torch.exp(A)[None]
     assert torch.isnan(state[0, 3, 1])
-    finite = ~torch.isnan(expected)
-    torch.testing.assert_close(state[finite], expected[finite], rtol=3e-7, atol=1e-37)
+    assert state[0, 4, 0] == pytest.approx(expected[0, 4, 0].item(), rel=1e-5)
+    assert torch.all(state[0, 4, 1:4] == math.inf)
+    rest = ~torch.isnan(expected) & ~top[None]
+    torch.testing.assert_close(state[rest], expected[rest], rtol=3e-7, atol=1e-37)
     assert torch.all(state[(A < -88.0)[None].expand_as(state)] == 0)
 
 

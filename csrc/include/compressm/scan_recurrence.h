@@ -41,22 +41,28 @@ namespace compressm {
 // exp(x) in fp32 on the host, for F = float or a GCC vector of floats (I: the unsigned type of that shape),
 // so the loops the compiler vectorises (F = float) and the CPU decode step's explicit 8-lane loop share one
 // implementation. Cody-Waite range reduction x = k·ln2 + r, |r| <= ln2/2, and a degree-6 polynomial fitted
-// for least maximum relative error on that interval (2e-9; the result is within 1.05 ulp, against 0.93 for
-// the degree-7 Taylor polynomial it replaced at 12-19 % more time per scan); branch-free float/int arithmetic
-// (GCC needs -fno-trapping-math to turn the selects into vector blends). Only the float instance is ever
-// compiled by nvcc's host pass.
+// for least maximum relative error on that interval (2e-9; the result is within 1.05 ulp up to x = 88.37,
+// against 0.93 for the degree-7 Taylor polynomial it replaced at 12-19 % more time per scan; within 1e-5 up
+// to the overflow to inf at 88.72). Branch-free float/int arithmetic (GCC needs -fno-trapping-math to turn
+// the selects into vector blends). Only the float instance is ever compiled by nvcc's host pass.
 template <typename F, typename I>
 __attribute__((always_inline)) inline F exp_poly(F x) {
-  const F lo = F{} - 87.33f, hi = F{} + 88.0f;  // exp(lo) ~ FLT_MIN; 2^k stays finite up to hi
-  // Only the top is clamped (x second, so NaN stays NaN): below lo, k and the polynomial are garbage, but the
-  // last line replaces them with 0.
-  const F xc = hi < x ? hi : x;
+  const F lo = F{} - 87.33f;  // exp(lo) ~ FLT_MIN
   // Round x/ln2 to nearest: adding 1.5·2^23 pushes the fraction out of the mantissa, leaving k in the low
   // mantissa bits of `shifted` (so k's integer is a bit difference, no float-to-int conversion).
   const F shifter = F{} + 12582912.0f;
-  const F shifted = xc * 1.44269504088896341f + shifter;
+  const F rounded = x * 1.44269504088896341f + shifter;
+  I rounded_bits, shifter_bits;
+  __builtin_memcpy(&rounded_bits, &rounded, sizeof(rounded_bits));
+  __builtin_memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
+  // k <= 127 by one integer min on the bits (NaN and +inf have larger bit patterns too), so 2^k stays finite
+  // and p·2^k overflows to inf exactly where exp does; r keeps x unclamped (r = +inf for x = +inf).
+  const I top = shifter_bits + 127;
+  const I shifted_bits = rounded_bits < top ? rounded_bits : top;
+  F shifted;
+  __builtin_memcpy(&shifted, &shifted_bits, sizeof(shifted));
   const F k = shifted - shifter;
-  const F r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.12194440e-4
+  const F r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.12194440e-4
   F p = F{} + 1.384365372e-3f;
   p = p * r + 8.374155499e-3f;
   p = p * r + 4.166800156e-2f;
@@ -64,16 +70,15 @@ __attribute__((always_inline)) inline F exp_poly(F x) {
   p = p * r + 4.999999404e-1f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  I shifted_bits, shifter_bits;
-  __builtin_memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
-  __builtin_memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
   // 2^k = (k + 127) << 23 with k = shifted_bits - shifter_bits, as one shift and one subtraction of a
-  // constant (unsigned, so the shifts wrap); k in [-126, 128) for x >= lo.
+  // constant (unsigned, so the shifts wrap); k in [-126, 127] for x >= lo.
   const I bits = (shifted_bits << 23) - ((shifter_bits - 127) << 23);
   F scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   const F e = p * scale;
-  return x < lo ? F{} : e;  // underflow to 0 like expf (ā h would otherwise keep a ~1e-38 residue)
+  // Below lo k, r and p are garbage (NaN for x = -inf): replaced by 0, underflow like expf (ā h would
+  // otherwise keep a ~1e-38 residue). NaN x: r and e are NaN.
+  return x < lo ? F{} : e;
 }
 
 // The unsigned integer type with F's shape, for exp_poly's bit arithmetic; the CPU code adds its vectors.
