@@ -70,6 +70,26 @@ def test_checkpoint_levels_agree() -> None:
         assert_close(a, b, F32, name)
 
 
+@pytest.mark.parametrize(("checkpoint_lvl", "expected"), [(None, 0), (0, 0), (1, 1)], ids=["auto", "0", "1"])
+def test_layer_passes_its_checkpoint_level(checkpoint_lvl: int | None, expected: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # None means 1 on CUDA (as mamba_ssm) and 0 elsewhere: these CPU inputs get 0.
+    import compressm_kernels.modules.mamba as layer_module
+
+    seen = []
+
+    def spy(*args, checkpoint_lvl: int, **kwargs):
+        seen.append(checkpoint_lvl)
+        return mamba_inner_fn(*args, checkpoint_lvl=checkpoint_lvl, **kwargs)
+
+    monkeypatch.setattr(layer_module, "mamba_inner_fn", spy)
+    layer, x = make_layer(checkpoint_lvl=checkpoint_lvl), inputs()
+    layer(x).sum().backward()
+    assert seen == [expected] and layer.A_log.grad is not None
+    with pytest.raises(ValueError, match="checkpoint_lvl must be None, 0 or 1, got 2"):
+        Mamba(16, checkpoint_lvl=2)
+
+
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
 def test_compacted_layer_equals_masked_layer(order: str) -> None:
     keep = torch.tensor([0, 3, 4, 8, 11]) if order == "sorted" else torch.tensor([8, 0, 11, 4, 3])

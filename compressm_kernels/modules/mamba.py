@@ -37,6 +37,12 @@ class Mamba(nn.Module):
     ``out_proj (d_model, d_inner)``. ``N`` is :attr:`d_state`, the *current* state size.
     The optional ``state_mask`` buffer is not persistent (state dicts stay mamba_ssm's); compact with
     :meth:`reduce_state` to make a cut permanent.
+
+    ``checkpoint_lvl`` (keyword only) is what the fused path keeps for backward (see
+    :func:`~compressm_kernels.ops.mamba_inner.mamba_inner_fn`): ``1`` only ``xz`` and the scan's outputs, so
+    backward recomputes conv1d and the projections (mamba_ssm's choice: GPU memory is the limit); ``0`` every
+    activation. ``None`` picks 1 for CUDA inputs and 0 otherwise, where memory is rarely the limit and
+    recomputing costs time (a training step of the digits demo on this package's 2-core CPU: 16 % more at 1).
     """
 
     def __init__(
@@ -57,11 +63,16 @@ class Mamba(nn.Module):
         layer_idx: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        checkpoint_lvl: int | None = None,
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         if dt_init not in ("random", "constant"):
             raise NotImplementedError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if checkpoint_lvl not in (None, 0, 1):
+            raise ValueError(f"checkpoint_lvl must be None, 0 or 1, got {checkpoint_lvl!r}")
+        self.checkpoint_lvl = checkpoint_lvl
         self.d_model = d_model
         self.d_conv = d_conv
         self.expand = expand
@@ -232,6 +243,7 @@ class Mamba(nn.Module):
                 xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True, state_mask=self.state_mask,
+                checkpoint_lvl=self.checkpoint_lvl if self.checkpoint_lvl is not None else int(xz.is_cuda),
             )
         x, z = xz.chunk(2, dim=1)
         if conv_state is not None:
