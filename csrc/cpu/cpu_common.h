@@ -1,6 +1,6 @@
 // Helpers shared by the CPU kernel files: dtype loads/stores (c10's header-only half types, cheap to
-// compile), sums over states, the one-step state update eight states at a time (advance_states, used by the
-// scan forward and the decode step), and the runtime choice between an AVX2+FMA build of a hot loop and the
+// compile), sums over states, the decode step's state update eight states at a time (advance_states), and the
+// runtime choice between an AVX2+FMA build of a hot loop and the
 // baseline x86-64 one, so a wheel built here runs on any x86-64 CPU and still uses 8-wide vectors where
 // they exist.
 #pragma once
@@ -82,7 +82,7 @@ inline void store_row(void* data, int64_t off, DType t, int n, const float* src)
 // ------------------------------------------------------------------- sums over states without a serial tail
 // A loop over a channel's states reduced with `omp simd reduction` ends in a serial sum of the vector lanes,
 // per step; at small N that tail costs as much as the states. Instead each step's products are summed into
-// eight lanes (advance_states, reverse_states) and eight steps (or channels) are summed together (sum_rows8).
+// eight lanes (the scan's cores, advance_states) and eight steps (or channels) are summed together (sum_rows8).
 
 // Eight float lanes as a compiler vector (SSE pairs on the baseline ISA, one register with AVX2).
 typedef float v8f __attribute__((vector_size(32)));
@@ -139,21 +139,20 @@ COMPRESSM_ALWAYS_INLINE v8i tail_lanes(int tail) {
   return lane >= 8 - tail;
 }
 
-// r states (f32 rows A, B, C, h) advanced by one step, h in place (and copied to hist when kHist); returns
-// C·h folded to eight lanes. Explicit 8-lane code, so the products go straight into the lane sums. A tail of
-// r % 8 states (r > 8) is the last full vector, overlapping the one before: it is computed from the old h
-// first and stored last, and only its new lanes are summed.
-template <int kR, bool kHist = false>  // kR > 0: the state count known at compile time
+// r states (f32 rows A, B, C, h) advanced by one step, h in place; returns C·h folded to eight lanes. Explicit
+// 8-lane code, so the products go straight into the lane sums. A tail of r % 8 states (r > 8) is the last full
+// vector, overlapping the one before: it is computed from the old h first and stored last, and only its new
+// lanes are summed. (The decode step reads the caller's rows in place, so it cannot pad them as the scan does.)
+template <int kR>  // kR > 0: the state count known at compile time
 COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float delta_x, const float* __restrict A,
                                            const float* __restrict B, const float* __restrict C,
-                                           float* __restrict h, float* __restrict hist = nullptr) {
+                                           float* __restrict h) {
   const int r = kR > 0 ? kR : r_runtime;
   if (r < 8) {  // fewer states than lanes: a scalar loop (a vector loop would be all epilogue), sum in lane 0
     float sum = 0.0f;
     for (int k = 0; k < r; ++k) {
       const float hk = forward_step(h[k], delta, A[k], delta_x, B[k]);
       h[k] = hk;
-      if (kHist) hist[k] = hk;
       sum += C[k] * hk;
     }
     return v8f{sum};
@@ -168,13 +167,9 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
   for (int k = 0; k < full; k += 8) {
     const v8f hk = forward_step(load8(h + k), dl, load8(A + k), dx, load8(B + k));
     store8(h + k, hk);
-    if (kHist) store8(hist + k, hk);
     acc += load8(C + k) * hk;
   }
-  if (tail) {
-    store8(h + r - 8, h_last);
-    if (kHist) store8(hist + r - 8, h_last);
-  }
+  if (tail) store8(h + r - 8, h_last);
   return acc;
 }
 
