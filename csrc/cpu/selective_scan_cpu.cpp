@@ -274,30 +274,45 @@ COMPRESSM_DISPATCH(gate_steps, GateArgs)
 
 // ------------------------------------------------------------------------------------------ B and C
 
-// Variable B or C as fp32 (Bt, G, L, NP), NP = round8(N): row (b, g, t) holds the N states of step t
-// contiguously, then zeros.
+// Variable B or C as fp32, in one of two layouts. Step-major (Bt, G, L, NP), NP = round8(N): row (b, g, t)
+// holds the N states of step t contiguously, then zeros; the cores read it in place. State-major (Bt, G, N, L),
+// with a per-channel mask: each channel gathers its kept states, whose steps are then contiguous (a chunk's
+// gather reads r short rows instead of every state of T rows).
 struct Rows {
   std::vector<float> data;
   int groups = 1;
+  bool state_major = false;
 };
 
-Rows transpose_rows(const Operand& x, int batch, int groups, int dstate, int seqlen, int num_threads) {
+Rows variable_rows(const Operand& x, bool variable, int groups, const ScanParams& p) {
   constexpr int kBlock = 64;  // steps per task: a (64, N) tile stays in cache while it is transposed
   Rows rows;
+  if (!variable) return rows;
+  const int N = p.dstate, L = p.seqlen, np = round8(N);
   rows.groups = groups;
-  const int np = round8(dstate);
-  rows.data.resize(static_cast<size_t>(batch) * groups * seqlen * np);  // zero-filled: the padding
-  const int blocks = (seqlen + kBlock - 1) / kBlock;
-  const int64_t tasks = static_cast<int64_t>(batch) * groups * blocks;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+  rows.state_major = p.kept != nullptr;
+  if (rows.state_major) {
+    rows.data.resize(static_cast<size_t>(p.batch) * groups * N * L);
+    const int64_t tasks = static_cast<int64_t>(p.batch) * groups * N;
+#pragma omp parallel for num_threads(p.num_threads) schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t bg = task / N, n = task % N, b = bg / groups, g = bg % groups;
+      load_row(x.data, b * x.stride0 + g * x.stride1 + n * x.stride2, x.dtype, L, rows.data.data() + task * L);
+    }
+    return rows;
+  }
+  rows.data.resize(static_cast<size_t>(p.batch) * groups * L * np);  // zero-filled: the padding
+  const int blocks = (L + kBlock - 1) / kBlock;
+  const int64_t tasks = static_cast<int64_t>(p.batch) * groups * blocks;
+#pragma omp parallel for num_threads(p.num_threads) schedule(static)
   for (int64_t task = 0; task < tasks; ++task) {
     const int blk = static_cast<int>(task % blocks);
     const int64_t bg = task / blocks;
     const int64_t b = bg / groups, g = bg % groups;
-    const int t0 = blk * kBlock, t1 = std::min(seqlen, t0 + kBlock);
-    float* dst = rows.data.data() + (bg * seqlen) * np;
+    const int t0 = blk * kBlock, t1 = std::min(L, t0 + kBlock);
+    float* dst = rows.data.data() + (bg * L) * np;
     const int64_t src = b * x.stride0 + g * x.stride1;
-    for (int n = 0; n < dstate; ++n) {
+    for (int n = 0; n < N; ++n) {
       const int64_t row = src + n * x.stride2;
       for (int t = t0; t < t1; ++t) dst[static_cast<int64_t>(t) * np + n] = load(x.data, row + t, x.dtype);
     }
@@ -324,32 +339,88 @@ struct Scratch {
   }
 };
 
-// The kept-state columns of B or C rows (row stride NP) for T steps: columns[t·rp + k] = rows[t·NP + kept[k]],
-// zeros in the padding k in [r, rp). (An AVX2 vgatherdps per 8 kept states measured no faster on this
-// package's Zen 3 machine.)
-void gather_columns(const float* rows, int T, int r, int NP, const int32_t* kept, float* columns) {
-  const int rp = round8(r);
-  for (int t = 0; t < T; ++t) {
-    const float* row = rows + static_cast<int64_t>(t) * NP;
-    float* dst = columns + t * rp;
-    for (int k = 0; k < r; ++k) dst[k] = row[kept[k]];
-    for (int k = r; k < rp; ++k) dst[k] = 0.0f;
+// Eight vectors transposed in place: v[j][i] <- v[i][j] (three rounds of interleaves).
+COMPRESSM_ALWAYS_INLINE void transpose8(v8f* v) {
+  v8f t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = COMPRESSM_SHUFFLE(v[i], v[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = COMPRESSM_SHUFFLE(v[i], v[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int h = 0; h < 2; ++h) {
+      u[i + 2 * h] = COMPRESSM_SHUFFLE(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h + 1] = COMPRESSM_SHUFFLE(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = COMPRESSM_SHUFFLE(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    v[i + 4] = COMPRESSM_SHUFFLE(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
-// The inverse of gather_columns, for gradients: rows[t·NP + kept[k]] += columns[t·rp + k] for k < r.
-void scatter_add_columns(const float* columns, int T, int r, int NP, const int32_t* kept, float* rows) {
-  const int rp = round8(r);
-  for (int t = 0; t < T; ++t) {
-    const float* src = columns + t * rp;
-    float* row = rows + static_cast<int64_t>(t) * NP;
-    for (int k = 0; k < r; ++k) row[kept[k]] += src[k];
+// A channel's kept states and T steps of state-major rows (state n's steps at rows + n·L) as step rows padded
+// to rp = round8(r): columns[t·rp + k] = rows[kept[k]·L + t], zeros for k in [r, rp). Gathered 8 states by
+// 8 steps at a time through an in-register transpose.
+struct GatherArgs {
+  const float* rows;
+  int64_t L;
+  int T, r;
+  const int32_t* kept;
+  float* columns;
+};
+
+COMPRESSM_ALWAYS_INLINE void gather_columns_impl(const GatherArgs& a) {
+  const int rp = round8(a.r), T8 = a.T & ~7;
+  for (int k0 = 0; k0 < rp; k0 += 8) {
+    const float* src[8];
+    for (int i = 0; i < 8; ++i) src[i] = k0 + i < a.r ? a.rows + a.kept[k0 + i] * a.L : nullptr;
+    for (int t = 0; t < T8; t += 8) {
+      v8f v[8];
+      for (int i = 0; i < 8; ++i) v[i] = src[i] ? load8(src[i] + t) : v8f{};
+      transpose8(v);
+      for (int j = 0; j < 8; ++j) store8(a.columns + (t + j) * rp + k0, v[j]);
+    }
+    for (int t = T8; t < a.T; ++t) {
+      for (int i = 0; i < 8; ++i) a.columns[t * rp + k0 + i] = src[i] ? src[i][t] : 0.0f;
+    }
   }
 }
+COMPRESSM_DISPATCH(gather_columns, GatherArgs)
+
+// The inverse of gather_columns, for gradients: rows[kept[k]·L + t] += columns[t·rp + k] for k < r.
+struct ScatterArgs {
+  const float* columns;
+  int64_t L;
+  int T, r;
+  const int32_t* kept;
+  float* rows;
+};
+
+COMPRESSM_ALWAYS_INLINE void scatter_add_columns_impl(const ScatterArgs& a) {
+  const int rp = round8(a.r), T8 = a.T & ~7;
+  for (int k0 = 0; k0 < rp; k0 += 8) {
+    float* dst[8];
+    for (int i = 0; i < 8; ++i) dst[i] = k0 + i < a.r ? a.rows + a.kept[k0 + i] * a.L : nullptr;
+    for (int t = 0; t < T8; t += 8) {
+      v8f v[8];
+      for (int j = 0; j < 8; ++j) v[j] = load8(a.columns + (t + j) * rp + k0);
+      transpose8(v);
+      for (int i = 0; i < 8; ++i) {
+        if (dst[i]) store8(dst[i] + t, load8(dst[i] + t) + v[i]);
+      }
+    }
+    for (int t = T8; t < a.T; ++t) {
+      for (int i = 0; i < 8; ++i) {
+        if (dst[i]) dst[i][t] += a.columns[t * rp + k0 + i];
+      }
+    }
+  }
+}
+COMPRESSM_DISPATCH(scatter_add_columns, ScatterArgs)
 
 // Where a channel's B and C rows for steps [t0, t0 + T) live: row t of B at B + t·ldb, entry k = its k-th kept
-// state (likewise C). Variable without per-channel mask: the transposed rows themselves (ld = NP); with one:
-// gathered into the scratch (ld = rp); time-invariant: the channel's vector (ld = 0).
+// state (likewise C). Variable without per-channel mask: the step-major rows themselves (ld = NP); with one:
+// gathered from the state-major rows into the scratch (ld = rp); time-invariant: the channel's vector (ld = 0).
 struct ChannelRows {
   const float* B;
   int64_t ldb;
@@ -359,21 +430,24 @@ struct ChannelRows {
 
 ChannelRows channel_rows(const Rows& B, const Rows& C, const ScanParams& p, int b, int d, int t0, int r,
                          const int32_t* kept, int T, Scratch& s) {
-  const int np = round8(p.dstate);
+  const int N = p.dstate, L = p.seqlen, np = round8(N);
+  // Row t0 of (b, this channel's group): step-major, or state 0's step t0 when state-major.
   auto base = [&](const Rows& rows) {
-    const int g = d / (p.dim / rows.groups);
-    return rows.data.data() + ((static_cast<int64_t>(b) * rows.groups + g) * p.seqlen + t0) * np;
+    const int64_t bg = static_cast<int64_t>(b) * rows.groups + d / (p.dim / rows.groups);
+    return rows.data.data() + (rows.state_major ? bg * N * L + t0 : (bg * L + t0) * np);
   };
   ChannelRows out{s.B_inv.data(), 0, s.C_inv.data(), 0};
-  if (p.b_variable) out.B = base(B), out.ldb = np;
-  if (p.c_variable) out.C = base(C), out.ldc = np;
-  if (kept != nullptr && p.b_variable) {
-    gather_columns(out.B, T, r, np, kept, s.B_gather.data());
+  if (p.b_variable && kept != nullptr) {
+    gather_columns({base(B), L, T, r, kept, s.B_gather.data()});
     out.B = s.B_gather.data(), out.ldb = round8(r);
+  } else if (p.b_variable) {
+    out.B = base(B), out.ldb = np;
   }
-  if (kept != nullptr && p.c_variable) {
-    gather_columns(out.C, T, r, np, kept, s.C_gather.data());
+  if (p.c_variable && kept != nullptr) {
+    gather_columns({base(C), L, T, r, kept, s.C_gather.data()});
     out.C = s.C_gather.data(), out.ldc = round8(r);
+  } else if (p.c_variable) {
+    out.C = base(C), out.ldc = np;
   }
   return out;
 }
@@ -437,8 +511,8 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
   }
 }
 
-// Backward of one (batch, channel): dB/dC of variable B/C go to this thread's partial rows
-// (G, L, NP) for batch b; everything per channel (dA, dD, ddelta_bias, invariant dB/dC) is added to the
+// Backward of one (batch, channel): dB/dC of variable B/C go to this thread's partial rows for batch b, in
+// their Rows' layout ((G, L, NP) step-major, (G, N, L) state-major); everything per channel (dA, dD, ddelta_bias, invariant dB/dC) is added to the
 // outputs directly (the caller runs batches one after another, so no two threads share a channel).
 void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s, float* dB_part,
                       float* dC_part) {
@@ -474,11 +548,12 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     if (p.z.data) store_row(p.dz, ch.dense + t0, p.z.dtype, T, s.dz.data());
 
     // This channel's group rows of the thread's partial dB/dC, from step t0.
-    auto part_rows = [&](float* part, int groups) {
-      return part ? part + (static_cast<int64_t>(d / (p.dim / groups)) * p.seqlen + t0) * np : nullptr;
+    auto part_rows = [&](float* part, const Rows& rows) {
+      const int64_t g = d / (p.dim / rows.groups);
+      return part ? part + (rows.state_major ? g * N * p.seqlen + t0 : (g * p.seqlen + t0) * np) : nullptr;
     };
-    float* dB_rows = part_rows(dB_part, B.groups);
-    float* dC_rows = part_rows(dC_part, C.groups);
+    float* dB_rows = part_rows(dB_part, B);
+    float* dC_rows = part_rows(dC_part, C);
     float *dBp = s.dB_inv.data(), *dCp = s.dC_inv.data();
     int64_t lddb = 0, lddc = 0;
     if (p.b_variable) {
@@ -495,8 +570,8 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
                   rows.C, rows.ldc, s.h_in.data(), s.hist.data(), dBp, lddb, dCp, lddc, s.dA.data(), s.ddelta.data(),
                   s.du.data()});
     if (ch.kept) {  // add the kept states' columns back at their state indices
-      if (p.b_variable) scatter_add_columns(s.dB_gather.data(), T, r, np, ch.kept, dB_rows);
-      if (p.c_variable) scatter_add_columns(s.dC_gather.data(), T, r, np, ch.kept, dC_rows);
+      if (p.b_variable) scatter_add_columns({s.dB_gather.data(), p.seqlen, T, r, ch.kept, dB_rows});
+      if (p.c_variable) scatter_add_columns({s.dC_gather.data(), p.seqlen, T, r, ch.kept, dC_rows});
     }
 
     for (int t = 0; t < T; ++t) {
@@ -518,31 +593,40 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
   if (p.ddelta_bias) p.ddelta_bias[d] += ddelta_bias;
 }
 
-// dB[b] (G, N, L) = Σ over threads of their partial rows (G, L, NP), in the output's dtype.
-void reduce_partials(const std::vector<float>& parts, int64_t part_size, int threads, int groups, int N, int L,
+// dB[b] (G, N, L) = Σ over threads of their partial rows (in the layout of `rows`), in the output's dtype.
+void reduce_partials(const std::vector<float>& parts, int64_t part_size, int threads, const Rows& rows, int N, int L,
                      void* out, DType dtype, int b, std::vector<float>& tile) {
+  const int groups = rows.groups;
+  const int64_t dst0 = static_cast<int64_t>(b) * groups * N * L;
+  if (rows.state_major) {  // the partials are already (G, N, L): sum state rows
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < static_cast<int64_t>(groups) * N; ++row) {
+      std::fill_n(tile.begin(), L, 0.0f);
+      for (int th = 0; th < threads; ++th) {
+        const float* src = parts.data() + th * part_size + row * L;
+        for (int t = 0; t < L; ++t) tile[t] += src[t];
+      }
+      store_row(out, dst0 + row * L, dtype, L, tile.data());
+    }
+    return;
+  }
   constexpr int kBlock = 32;
-  const int blocks = (L + kBlock - 1) / kBlock;
+  const int blocks = (L + kBlock - 1) / kBlock, np = round8(N);
 #pragma omp for schedule(static)
   for (int64_t task = 0; task < static_cast<int64_t>(groups) * blocks; ++task) {
     const int g = static_cast<int>(task / blocks), t0 = static_cast<int>(task % blocks) * kBlock;
     const int T = std::min(kBlock, L - t0);
-    const int np = round8(N);
     const int64_t off = (static_cast<int64_t>(g) * L + t0) * np;
     std::fill_n(tile.begin(), static_cast<size_t>(T) * np, 0.0f);
     for (int th = 0; th < threads; ++th) {
       const float* src = parts.data() + th * part_size + off;
       for (int i = 0; i < T * np; ++i) tile[i] += src[i];
     }
-    const int64_t dst = ((static_cast<int64_t>(b) * groups + g) * N) * L + t0;
+    const int64_t dst = dst0 + static_cast<int64_t>(g) * N * L + t0;
     for (int n = 0; n < N; ++n) {
       for (int t = 0; t < T; ++t) store(out, dst + static_cast<int64_t>(n) * L + t, dtype, tile[t * np + n]);
     }
   }
-}
-
-Rows variable_rows(const Operand& x, bool variable, int groups, const ScanParams& p) {
-  return variable ? transpose_rows(x, p.batch, groups, p.dstate, p.seqlen, p.num_threads) : Rows{};
 }
 
 }  // namespace
@@ -571,14 +655,17 @@ void scan_bwd(const ScanParams& p) {
   if (p.dD) std::fill_n(p.dD, p.dim, 0.0f);
   if (p.ddelta_bias) std::fill_n(p.ddelta_bias, p.dim, 0.0f);
 
-  // Per-thread partial dB/dC rows of one batch: channels of a group add into the same (L, NP) rows.
-  const int64_t part_b = p.b_variable ? static_cast<int64_t>(p.groups_b) * L * round8(N) : 0;
-  const int64_t part_c = p.c_variable ? static_cast<int64_t>(p.groups_c) * L * round8(N) : 0;
+  // Per-thread partial dB/dC rows of one batch, in the layout of B's / C's rows: channels of a group add into
+  // the same rows.
+  const auto part_size = [&](const Rows& rows, bool variable) {
+    return variable ? static_cast<int64_t>(rows.groups) * L * (rows.state_major ? N : round8(N)) : 0;
+  };
+  const int64_t part_b = part_size(B, p.b_variable), part_c = part_size(C, p.c_variable);
   std::vector<float> parts_b(part_b * p.num_threads), parts_c(part_c * p.num_threads);
 #pragma omp parallel num_threads(p.num_threads)
   {
     Scratch s(N, p.chunk, true);
-    std::vector<float> tile(static_cast<size_t>(32) * round8(N));
+    std::vector<float> tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
     const int th = omp_get_thread_num(), threads = omp_get_num_threads();
     float* my_b = p.b_variable ? parts_b.data() + th * part_b : nullptr;
     float* my_c = p.c_variable ? parts_c.data() + th * part_c : nullptr;
@@ -588,8 +675,8 @@ void scan_bwd(const ScanParams& p) {
       // Round-robin channels: a fixed assignment keeps the sums (and results) reproducible.
 #pragma omp for schedule(static, 1)
       for (int d = 0; d < p.dim; ++d) channel_backward(p, B, C, b, d, s, my_b, my_c);
-      if (p.b_variable) reduce_partials(parts_b, part_b, threads, p.groups_b, N, L, p.dB, p.B.dtype, b, tile);
-      if (p.c_variable) reduce_partials(parts_c, part_c, threads, p.groups_c, N, L, p.dC, p.C.dtype, b, tile);
+      if (p.b_variable) reduce_partials(parts_b, part_b, threads, B, N, L, p.dB, p.B.dtype, b, tile);
+      if (p.c_variable) reduce_partials(parts_c, part_c, threads, C, N, L, p.dC, p.C.dtype, b, tile);
     }
   }
 }
