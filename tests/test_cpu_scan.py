@@ -19,8 +19,9 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NO_FLAGS = {"has_D": False, "has_z": False, "has_delta_bias": False, "delta_softplus": False}
 
 CASES = [
-    # awkward N at small D (L = 200 spans several chunks of cpu.MIN_CHUNK steps)
-    *(Case(dim=4, seqlen=200, dstate=n) for n in (1, 2, 3, 4, 7, 9, 12, 13, 16, 64)),  # every kernel size path
+    # awkward N at small D (L = 200 spans several chunks of cpu.MIN_CHUNK steps); states are padded to whole
+    # 8-lane vectors, 1-4 of them held in registers, more through memory: every kernel size path, with padding
+    *(Case(dim=4, seqlen=200, dstate=n) for n in (1, 2, 3, 4, 7, 9, 12, 13, 16, 20, 32, 33, 64)),
     Case(batch=1, dim=3, seqlen=63, dstate=256),
     Case(dim=5, seqlen=1, dstate=12),
     Case(dim=5, seqlen=63, dstate=13, **NO_FLAGS),
@@ -87,7 +88,8 @@ def test_auto_picks_cpu_for_cpu_tensors() -> None:
 @pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per_channel"])
 @pytest.mark.parametrize("case", [Case(dim=4, seqlen=150, dstate=13),
                                   Case(dim=4, seqlen=70, dstate=12, groups=2, b_form="grouped", c_form="invariant"),
-                                  Case(dim=4, seqlen=63, dstate=16, dtype=BF16)], ids=str)
+                                  Case(dim=4, seqlen=63, dstate=16, dtype=BF16),
+                                  Case(dim=4, seqlen=75, dstate=60)], ids=str)  # per-channel ranks past 32
 def test_mask_matches_reference(case: Case, per_channel: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     mask = torch.rand((case.dim, case.dstate) if per_channel else (case.dstate,), generator=gen) > 0.4
