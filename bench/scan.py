@@ -14,8 +14,9 @@ reference that runs (else the first backend listed).
 
 Rows:
   * ``<backend> <pass> N=<n>``: plain scans (variable B/C, D, z, delta_bias, softplus), every backend.
-  * ``<backend> masked k/Nmax`` vs ``compacted N=k``: fwd+bwd of the full-size scan with a shared mask keeping
-    k states, against the same scan physically compacted (its ratio is compacted vs masked-full).
+  * ``<backend> masked k/Nmax`` and ``compacted N=k``: fwd+bwd of the full-size scan with a shared mask keeping
+    k states and of the same scan physically compacted, against the unmasked scan (``full N=Nmax (mask k)``)
+    timed round-robin with them.
   * ``<backend> per-channel ranks``: a per-channel mask with ranks averaging ``--rank``, vs the unmasked scan.
   The masked rows run on this package's kernels (on the reference only when no kernel is listed).
 
@@ -237,12 +238,15 @@ def run(args: argparse.Namespace) -> Bench:
                 mask = torch.zeros(n_max, dtype=torch.bool)
                 mask[keep] = True
                 compact = {**full, "A": full["A"][:, keep], "B": full["B"][:, keep], "C": full["C"][:, keep]}
-                for backend in maskable:
+                for backend in maskable:  # against the unmasked N = n_max scan, timed round-robin with them
+                    plain = f"{backend} full N={n_max} (mask {k})"
                     masked, compacted = f"{backend} masked {k}/{n_max}", f"{backend} compacted N={k}"
                     bench.compare(f"{backend} mask {k}/{n_max}", {
+                        plain: Runner(fns[backend], full).fwd_bwd,
                         masked: Runner(fns[backend], full, mask.to(device)).fwd_bwd,
                         compacted: Runner(fns[backend], compact).fwd_bwd,
-                    }, baseline=masked, extras={
+                    }, baseline=plain, extras={
+                        plain: dict(kind="mask baseline", backend=backend, variant="full", N=n_max),
                         masked: dict(kind="mask", backend=backend, variant="masked-full", kept=k, N=n_max),
                         compacted: dict(kind="mask", backend=backend, variant="compacted", kept=k, N=k),
                     })
