@@ -165,7 +165,9 @@ COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
   };
   if constexpr (kV > 0) {
     v8f carry[kV], A[kV], dA[kV];
-    for (int j = 0; j < kV; ++j) carry[j] = load8(a.carry + 8 * j), A[j] = load8(a.A + 8 * j), dA[j] = load8(a.dA + 8 * j);
+    for (int j = 0; j < kV; ++j) {
+      carry[j] = load8(a.carry + 8 * j), A[j] = load8(a.A + 8 * j), dA[j] = load8(a.dA + 8 * j);
+    }
     for (int t = a.T - 1; t >= 0; --t) {
       const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), u = broadcast8(a.u[t]);
       v8f ddelta{}, du{};
@@ -512,8 +514,9 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
 }
 
 // Backward of one (batch, channel): dB/dC of variable B/C go to this thread's partial rows for batch b, in
-// their Rows' layout ((G, L, NP) step-major, (G, N, L) state-major); everything per channel (dA, dD, ddelta_bias, invariant dB/dC) is added to the
-// outputs directly (the caller runs batches one after another, so no two threads share a channel).
+// their Rows' layout ((G, L, NP) step-major, (G, N, L) state-major); everything per channel (dA, dD,
+// ddelta_bias, invariant dB/dC) is added to the outputs directly (the caller runs batches one after another,
+// so no two threads share a channel).
 void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s, float* dB_part,
                       float* dC_part) {
   const Channel ch(p, b, d, s);
