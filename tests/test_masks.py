@@ -130,3 +130,23 @@ def test_mask_to_ranks() -> None:
     assert sorted(kept[0].tolist()) == [0, 1, 2, 3], "each row is a permutation of the states"
     shared_ranks, shared_kept = mask_to_ranks(torch.tensor([False, True, True]), 2)
     assert shared_ranks.tolist() == [2, 2] and shared_kept[:, :2].tolist() == [[1, 2], [1, 2]]
+
+
+def test_mask_to_ranks_reuses_results_while_the_mask_is_unchanged() -> None:
+    # A decode step passes the same mask every token: its ranks are computed once, again after an in-place
+    # change, and forgotten with the mask.
+    from compressm_kernels.ops.selective_scan import masks
+
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    first = mask_to_ranks(mask, 2)
+    assert all(a is b for a, b in zip(mask_to_ranks(mask, 2), first, strict=True))
+    mask[0, 1] = True  # in place: the version counter moves
+    ranks, kept = mask_to_ranks(mask, 2)
+    assert ranks.tolist() == [3, 2] and kept[0].tolist() == [0, 1, 2] and first[0].tolist() == [2, 2]
+    with torch.inference_mode():  # no version counter to trust: computed every time
+        frozen = torch.tensor([True, False])
+        assert mask_to_ranks(frozen, 1)[0] is not mask_to_ranks(frozen, 1)[0]
+    key = id(mask)
+    assert key in masks._RANKS
+    del mask
+    assert key not in masks._RANKS

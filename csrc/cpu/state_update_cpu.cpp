@@ -2,8 +2,8 @@
 // the per-channel scalars (Δ = softplus(dt + bias), Δ·x, the D skip, the silu gate) are computed for the whole
 // block in loops vectorised across channels; then each channel's kept states are advanced eight at a time
 // (advance_states), reading f32 rows in place when the layout allows (with fewer than eight states, the
-// block's states as one flat array), and C·h is summed eight channels at a time (sum_rows8). OpenMP over
-// blocks when the step is big enough.
+// block's states as one flat array; with a per-channel mask, the kept states gathered by index), and C·h is
+// summed eight channels at a time (sum_rows8). OpenMP over blocks when the step is big enough.
 #include <algorithm>
 
 #include "cpu_common.h"  // includes compressm/scan_recurrence.h after its diagnostic pragma
@@ -98,6 +98,29 @@ COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* delt
   }
 }
 
+// A per-channel mask on the common layout: each channel's kept states gathered by index to f32 buffers,
+// advanced, then its row rewritten: zeros, then the kept states (so masked states are 0 afterwards).
+COMPRESSM_ALWAYS_INLINE void channels_kept(const BlockArgs& a, const float* delta, const float* x, v8f* lanes) {
+  const StateUpdateParams& p = *a.p;
+  const int N = p.dstate, b = a.b, d0 = a.d0;
+  GroupRow B(p.B, p.groups_b, p.dim, b, d0), C(p.C, p.groups_c, p.dim, b, d0);
+  float* h0 = static_cast<float*>(p.state) + b * p.state_stride0;
+  alignas(64) float A_buf[kMaxState], B_buf[kMaxState], C_buf[kMaxState], h_buf[kMaxState];
+  for (int i = 0; i < a.n; ++i) {
+    const int d = d0 + i, r = p.ranks[d];
+    const int32_t* kept = p.kept + static_cast<int64_t>(d) * N;
+    const float *A = p.A + static_cast<int64_t>(d) * N, *B_row = B.at(d), *C_row = C.at(d);
+    float* h = h0 + d * p.state_stride1;
+    for (int k = 0; k < r; ++k) {
+      const int n = kept[k];
+      A_buf[k] = A[n], B_buf[k] = B_row[n], C_buf[k] = C_row[n], h_buf[k] = h[n];
+    }
+    lanes[i] = advance_states<0>(r, delta[i], delta[i] * x[i], A_buf, B_buf, C_buf, h_buf);
+    std::fill_n(h, N, 0.0f);
+    for (int k = 0; k < r; ++k) h[kept[k]] = h_buf[k];
+  }
+}
+
 // Any other layout: each channel's kept states gathered to f32 buffers in kept order, advanced, scattered
 // back (masked states set to 0).
 COMPRESSM_ALWAYS_INLINE void channels_gathered(const BlockArgs& a, const float* delta, const float* x, v8f* lanes) {
@@ -148,12 +171,15 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
   }
 
   // The state loops, then Σ over states.
-  const bool in_place = !p.kept && p.state_dtype == DType::f32 && p.state_stride2 == 1 &&
-                        p.B.dtype == DType::f32 && p.B.stride2 == 1 && p.C.dtype == DType::f32 && p.C.stride2 == 1;
+  const bool f32_rows = p.state_dtype == DType::f32 && p.state_stride2 == 1 && p.B.dtype == DType::f32 &&
+                        p.B.stride2 == 1 && p.C.dtype == DType::f32 && p.C.stride2 == 1;
+  const bool in_place = f32_rows && !p.kept;
   if (in_place && p.dstate < 8 && p.state_stride1 == p.dstate) {
     channels_flat(a, delta, x, y);
   } else {
-    if (!in_place) {
+    if (f32_rows && p.kept) {
+      channels_kept(a, delta, x, lanes);
+    } else if (!in_place) {
       channels_gathered(a, delta, x, lanes);
     } else {
       switch (p.dstate) {  // the usual sizes get unrolled loops

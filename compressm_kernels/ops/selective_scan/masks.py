@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
+
+# mask_to_ranks' results for the masks it saw last, by id(mask): a decode step passes the same mask every
+# token, and the sort costs more than the step itself (1.4 ms against ~0.2 ms at D = 1536, N = 64). An entry
+# is used only while its mask is alive and unmodified (same version counter), and dies with the mask.
+_RANKS: dict[int, tuple[weakref.ref, int, int, Tensor, Tensor]] = {}
+_RANKS_MAX = 64
 
 
 def mask_to_ranks(state_mask: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -17,12 +25,23 @@ def mask_to_ranks(state_mask: Tensor, dim: int) -> tuple[Tensor, Tensor]:
         kept: int32 ``(D, N)``; row d lists channel d's kept state indices in increasing order in its
         first ``ranks[d]`` entries, then the dropped ones (so the kernel's loop to ``ranks[d]`` only
         visits kept states).
+    The results of a mask seen before (alive and not modified in place since) are reused; treat them as
+    read-only.
     """
+    key = id(state_mask)
+    version = None if torch.compiler.is_compiling() or state_mask.is_inference() else state_mask._version
+    hit = _RANKS.get(key)
+    if version is not None and hit is not None and hit[0]() is state_mask and hit[1:3] == (version, dim):
+        return hit[3], hit[4]
     mask = state_mask.expand(dim, state_mask.shape[-1]) if state_mask.dim() == 1 else state_mask
     ranks = mask.sum(dim=1, dtype=torch.int32)
     # A stable sort on "dropped" puts kept states first, each group in increasing index order.
-    kept = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
-    return ranks, kept.contiguous()
+    kept = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices.to(torch.int32).contiguous()
+    if version is not None:
+        if len(_RANKS) >= _RANKS_MAX:
+            _RANKS.pop(next(iter(_RANKS)))
+        _RANKS[key] = (weakref.ref(state_mask, lambda _, key=key: _RANKS.pop(key, None)), version, dim, ranks, kept)
+    return ranks, kept
 
 
 def kept_states(state_mask: Tensor) -> Tensor:
