@@ -135,7 +135,8 @@ def test_decode_op_passes_opcheck() -> None:
 
 @pytest.mark.parametrize(("dim", "dstate", "groups"), [
     (77, 13, 7), (130, 16, 0), (64, 8, 2), (9, 256, 3),  # partial blocks, groups changing inside a block
-    (40, 7, 0), (70, 9, 5), (96, 15, 3), (64, 32, 4), (128, 64, 2), (24, 100, 0),  # state tails, unrolled N
+    (40, 7, 0), (70, 9, 5), (96, 15, 3), (33, 20, 3), (64, 32, 4), (50, 60, 2), (128, 64, 2),  # tails, 1-8 vectors
+    (24, 100, 0),  # any vector count
     (45, 3, 5), (130, 1, 2),  # N < 8: the block's states as one flat array, groups inside it
 ], ids=str)
 def test_channel_blocks_and_tails_match_reference(dim: int, dstate: int, groups: int) -> None:

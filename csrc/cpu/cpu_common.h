@@ -133,22 +133,25 @@ COMPRESSM_ALWAYS_INLINE void store8(float* p, v8f v) { __builtin_memcpy(p, &v, s
 
 COMPRESSM_ALWAYS_INLINE v8f broadcast8(float v) { return v8f{} + v; }
 
-// Lanes [8 - tail, 8) of a vector: the states a tail vector at r - 8 adds to the r - tail before it.
+// Lanes [8 - tail, 8) of a vector (tail in 1..8): the states a last vector at r - 8 adds to those before it.
 COMPRESSM_ALWAYS_INLINE v8i tail_lanes(int tail) {
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
   return lane >= 8 - tail;
 }
 
 // r states (f32 rows A, B, C, h) advanced by one step, h in place; returns C·h folded to eight lanes. Explicit
-// 8-lane code, so the products go straight into the lane sums. A tail of r % 8 states (r > 8) is the last full
-// vector, overlapping the one before: it is computed from the old h first and stored last, and only its new
-// lanes are summed. (The decode step reads the caller's rows in place, so it cannot pad them as the scan does.)
-template <int kR>  // kR > 0: the state count known at compile time
+// 8-lane code, so the products go straight into the lane sums. The states are ceil(r / 8) vectors, the last one
+// at r - 8: when r is not a multiple of 8 it overlaps the one before, so it is computed from the old h first and
+// stored last, and only its new lanes are summed. kV > 0: that vector count known at compile time (unrolled),
+// and kExact: r = 8·kV; kV = 0: any r. (The decode step reads the caller's rows in place, so it cannot pad them
+// as the scan does.)
+template <int kV, bool kExact = false>
 COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float delta_x, const float* __restrict A,
                                            const float* __restrict B, const float* __restrict C,
                                            float* __restrict h) {
-  const int r = kR > 0 ? kR : r_runtime;
-  if (r < 8) {  // fewer states than lanes: a scalar loop (a vector loop would be all epilogue), sum in lane 0
+  static_assert(kV > 0 || !kExact);
+  const int r = kExact ? 8 * kV : r_runtime;
+  if (kV <= 1 && r < 8) {  // fewer states than lanes: a scalar loop (a vector loop would be all epilogue), sum in lane 0
     float sum = 0.0f;
     for (int k = 0; k < r; ++k) {
       const float hk = forward_step(h[k], delta, A[k], delta_x, B[k]);
@@ -158,18 +161,15 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
     return v8f{sum};
   }
   const v8f dl = broadcast8(delta), dx = broadcast8(delta_x);
-  const int tail = r % 8, full = r - tail;
-  v8f acc{}, h_last{};
-  if (tail) {
-    h_last = forward_step(load8(h + r - 8), dl, load8(A + r - 8), dx, load8(B + r - 8));
-    acc = tail_lanes(tail) ? load8(C + r - 8) * h_last : v8f{};
-  }
-  for (int k = 0; k < full; k += 8) {
+  const int nv = kV > 0 ? kV : (r + 7) / 8, last = r - 8;
+  const v8f h_last = forward_step(load8(h + last), dl, load8(A + last), dx, load8(B + last));
+  v8f acc = tail_lanes(r - 8 * (nv - 1)) ? load8(C + last) * h_last : v8f{};
+  for (int k = 0; k < 8 * (nv - 1); k += 8) {
     const v8f hk = forward_step(load8(h + k), dl, load8(A + k), dx, load8(B + k));
     store8(h + k, hk);
     acc += load8(C + k) * hk;
   }
-  if (tail) store8(h + r - 8, h_last);
+  store8(h + last, h_last);
   return acc;
 }
 

@@ -48,17 +48,28 @@ class GroupRow {
 };
 
 // The common case: f32 state, B and C with unit stride along N, no per-channel mask. Each channel reads
-// its rows in place; lanes[i] = channel d0 + i's C·h folded to eight lanes.
-template <int kN>
+// its rows in place; lanes[i] = channel d0 + i's C·h folded to eight lanes. kV, kExact: as advance_states.
+template <int kV, bool kExact>
 COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* delta, const float* x, v8f* lanes) {
   const StateUpdateParams& p = *a.p;
-  const int N = kN > 0 ? kN : p.dstate, b = a.b, d0 = a.d0;
+  const int N = p.dstate, b = a.b, d0 = a.d0;
   GroupRow B(p.B, p.groups_b, p.dim, b, d0), C(p.C, p.groups_c, p.dim, b, d0);
   float* h0 = static_cast<float*>(p.state) + b * p.state_stride0;
   for (int i = 0; i < a.n; ++i) {
     const int d = d0 + i;
-    lanes[i] = advance_states<kN>(N, delta[i], delta[i] * x[i], p.A + static_cast<int64_t>(d) * N, B.at(d), C.at(d),
-                                  h0 + d * p.state_stride1);
+    lanes[i] = advance_states<kV, kExact>(N, delta[i], delta[i] * x[i], p.A + static_cast<int64_t>(d) * N, B.at(d),
+                                          C.at(d), h0 + d * p.state_stride1);
+  }
+}
+
+// channels_in_place for N in (8·(kV - 1), 8·kV], unrolled, without the tail when N = 8·kV.
+template <int kV>
+COMPRESSM_ALWAYS_INLINE void channels_in_place_sized(const BlockArgs& a, const float* delta, const float* x,
+                                                     v8f* lanes) {
+  if (a.p->dstate == 8 * kV) {
+    channels_in_place<kV, true>(a, delta, x, lanes);
+  } else {
+    channels_in_place<kV, false>(a, delta, x, lanes);
   }
 }
 
@@ -182,12 +193,13 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
     } else if (!in_place) {
       channels_gathered(a, delta, x, lanes);
     } else {
-      switch (p.dstate) {  // the usual sizes get unrolled loops
-        case 8: channels_in_place<8>(a, delta, x, lanes); break;
-        case 16: channels_in_place<16>(a, delta, x, lanes); break;
-        case 32: channels_in_place<32>(a, delta, x, lanes); break;
-        case 64: channels_in_place<64>(a, delta, x, lanes); break;
-        default: channels_in_place<0>(a, delta, x, lanes);
+      switch ((p.dstate + 7) / 8) {  // what a cut leaves (up to 32 states) and 64 get unrolled loops
+        case 1: channels_in_place_sized<1>(a, delta, x, lanes); break;
+        case 2: channels_in_place_sized<2>(a, delta, x, lanes); break;
+        case 3: channels_in_place_sized<3>(a, delta, x, lanes); break;
+        case 4: channels_in_place_sized<4>(a, delta, x, lanes); break;
+        case 8: channels_in_place_sized<8>(a, delta, x, lanes); break;
+        default: channels_in_place<0, false>(a, delta, x, lanes);
       }
     }
     for (int i = n; i % 8 != 0; ++i) lanes[i] = v8f{};
