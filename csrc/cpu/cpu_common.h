@@ -151,7 +151,7 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
                                            float* __restrict h) {
   static_assert(kV > 0 || !kExact);
   const int r = kExact ? 8 * kV : r_runtime;
-  if (kV <= 1 && r < 8) {  // fewer states than lanes: a scalar loop (a vector loop would be all epilogue), sum in lane 0
+  if (kV <= 1 && r < 8) {  // fewer states than lanes: a scalar loop (a vector would be all epilogue), sum in lane 0
     float sum = 0.0f;
     for (int k = 0; k < r; ++k) {
       const float hk = forward_step(h[k], delta, A[k], delta_x, B[k]);
