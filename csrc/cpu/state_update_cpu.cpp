@@ -188,11 +188,7 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
   if (in_place && p.dstate < 8 && p.state_stride1 == p.dstate) {
     channels_flat(a, delta, x, y);
   } else {
-    if (f32_rows && p.kept) {
-      channels_kept(a, delta, x, lanes);
-    } else if (!in_place) {
-      channels_gathered(a, delta, x, lanes);
-    } else {
+    if (in_place) {
       switch ((p.dstate + 7) / 8) {  // what a cut leaves (up to 32 states) and 64 get unrolled loops
         case 1: channels_in_place_sized<1>(a, delta, x, lanes); break;
         case 2: channels_in_place_sized<2>(a, delta, x, lanes); break;
@@ -201,6 +197,10 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
         case 8: channels_in_place_sized<8>(a, delta, x, lanes); break;
         default: channels_in_place<0, false>(a, delta, x, lanes);
       }
+    } else if (f32_rows) {  // with a per-channel mask
+      channels_kept(a, delta, x, lanes);
+    } else {
+      channels_gathered(a, delta, x, lanes);
     }
     for (int i = n; i % 8 != 0; ++i) lanes[i] = v8f{};
     for (int i = 0; i < n; i += 8) sum_rows8(lanes + i, y + i);
