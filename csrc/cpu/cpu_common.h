@@ -92,8 +92,23 @@ typedef unsigned v8u __attribute__((vector_size(32)));
 }  // namespace compressm::cpu
 
 template <>
-struct compressm::UnsignedOf<compressm::cpu::v8f> {  // exp_f32 on eight lanes
+struct compressm::UnsignedOf<compressm::cpu::v8f> {  // exp_f32 and exp_table on eight lanes
   using type = compressm::cpu::v8u;
+};
+
+template <>
+struct compressm::Exp2Eighths<compressm::cpu::v8f, compressm::cpu::v8u> {  // exp_table's table: one permute
+  __attribute__((always_inline)) static compressm::cpu::v8f at(compressm::cpu::v8u j) {
+    const compressm::cpu::v8f table = {kExp2Eighths[0], kExp2Eighths[1], kExp2Eighths[2], kExp2Eighths[3],
+                                       kExp2Eighths[4], kExp2Eighths[5], kExp2Eighths[6], kExp2Eighths[7]};
+#if defined(__clang__)
+    compressm::cpu::v8f out;
+    for (int i = 0; i < 8; ++i) out[i] = table[j[i] & 7];
+    return out;
+#else
+    return __builtin_shuffle(table, (compressm::cpu::v8i)j);
+#endif
+  }
 };
 
 namespace compressm::cpu {
