@@ -146,7 +146,12 @@ COMPRESSM_ALWAYS_INLINE void sum_rows8(const v8f* rows, float* y) {
 
 COMPRESSM_ALWAYS_INLINE void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-COMPRESSM_ALWAYS_INLINE v8f broadcast8(float v) { return v8f{} + v; }
+// A shuffle of lane 0, not v8f{} + v: adding +0.0 is not an identity for -0.0, so the compiler would keep the
+// addition.
+COMPRESSM_ALWAYS_INLINE v8f broadcast8(float v) {
+  const v8f first = {v};
+  return COMPRESSM_SHUFFLE(first, first, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 
 // Lanes [8 - tail, 8) of a vector (tail in 1..8): the states a last vector at r - 8 adds to those before it.
 COMPRESSM_ALWAYS_INLINE v8i tail_lanes(int tail) {
