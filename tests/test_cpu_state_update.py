@@ -134,13 +134,13 @@ def test_decode_op_passes_opcheck() -> None:
 
 
 @pytest.mark.parametrize(("dim", "dstate", "groups"), [
-    (77, 13, 7), (130, 16, 0), (64, 8, 2), (9, 256, 3),  # partial blocks, groups changing inside a block
+    (273, 13, 7), (130, 16, 0), (64, 8, 2), (9, 256, 3),  # partial blocks, groups changing inside a block
     (40, 7, 0), (70, 9, 5), (96, 15, 3), (33, 20, 3), (64, 32, 4), (50, 60, 2), (128, 64, 2),  # tails, 1-8 vectors
     (24, 100, 0),  # any vector count
-    (45, 3, 5), (130, 1, 2),  # N < 8: the block's states as one flat array, groups inside it
+    (45, 3, 5), (390, 1, 2),  # N < 8: the block's states as one flat array, groups inside it
 ], ids=str)
 def test_channel_blocks_and_tails_match_reference(dim: int, dstate: int, groups: int) -> None:
-    # The kernel works on blocks of 64 channels, advances states eight at a time (a tail as an overlapping
+    # The kernel works on blocks of 128 channels, advances states eight at a time (a tail as an overlapping
     # last vector; fewer than eight states: all the block's states as one flat array) and sums C·h eight
     # channels at a time: partial blocks, groups, vectors and groups of eight must come out right.
     inputs = _step_inputs(dim=dim, dstate=dstate, groups=groups)

@@ -13,7 +13,7 @@ namespace compressm::cpu {
 namespace {
 
 constexpr int kMaxState = 256;  // the package's MAX_DSTATE; bindings.cpp checks it
-constexpr int kBlock = 64;      // channels per block: the block's scalars stay in registers / L1
+constexpr int kBlock = 128;     // channels per block: the block's scalars stay in L1 (64: 1-5 % slower)
 
 // n values data[off + i·stride] (i < n) as fp32; the dtype switch sits outside the loops so they vectorise.
 COMPRESSM_ALWAYS_INLINE void load_strided(const void* data, int64_t off, int64_t stride, DType t, int n, float* dst) {
@@ -60,12 +60,13 @@ COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* 
   const int per_b = p.dim / p.groups_b, per_c = p.dim / p.groups_c;
   const float* A = p.A + static_cast<int64_t>(d0) * N;
   float* h = static_cast<float*>(p.state) + b * p.state_stride0 + d0 * p.state_stride1;
+  const int64_t h_step = p.state_stride1;  // a local: the vector stores could alias p as far as GCC knows
   for (int i = 0; i < a.n;) {
     const int d = d0 + i, g_b = d / per_b, g_c = d / per_c;
     const int end = std::min(a.n, std::min((g_b + 1) * per_b, (g_c + 1) * per_c) - d0);
     const float* B = static_cast<const float*>(p.B.data) + b * p.B.stride0 + g_b * p.B.stride1;
     const float* C = static_cast<const float*>(p.C.data) + b * p.C.stride0 + g_c * p.C.stride1;
-    for (; i < end; ++i, A += N, h += p.state_stride1) {
+    for (; i < end; ++i, A += N, h += h_step) {
       lanes[i] = advance_states<kV, kExact>(N, delta[i], delta_x[i], A, B, C, h);
     }
   }
