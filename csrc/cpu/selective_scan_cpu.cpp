@@ -512,6 +512,14 @@ struct Channel {
   int state(int k) const { return kept ? kept[k] : k; }
 };
 
+// Asks the cache for T elements of a row from element offset `off` (for writing when kWrite).
+template <bool kWrite>
+void prefetch_row(const void* data, int64_t off, DType t, int T) {
+  const int64_t size = t == DType::f32 ? 4 : 2;
+  const char* row = static_cast<const char*>(data) + off * size;
+  for (int64_t i = 0; i < T * size; i += 64) __builtin_prefetch(row + i, kWrite ? 1 : 0);
+}
+
 // Δ_t, Δ_t u_t, u_t (and dΔ/dδ) for steps [t0, t0 + T) of a channel.
 void load_steps(const ScanParams& p, const Channel& ch, int t0, int T, bool grad, Scratch& s) {
   load_row(p.delta.data, ch.b * p.delta.stride0 + ch.d * p.delta.stride1 + t0, p.delta.dtype, T, s.delta.data());
@@ -563,6 +571,19 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
 
   for (int c = n_chunks - 1; c >= 0; --c) {
     const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
+    // Prefetch the chunk before this one: the hardware prefetchers follow this backward walk poorly (5-11 % of a
+    // backward; they do follow the forward's walk, where prefetching cost 2-3 %).
+    if (c > 0) {
+      const int t_prev = t0 - p.chunk;
+      prefetch_row<false>(p.u.data, ch.act + t_prev, p.u.dtype, p.chunk);
+      prefetch_row<false>(p.delta.data, ch.b * p.delta.stride0 + ch.d * p.delta.stride1 + t_prev, p.delta.dtype,
+                          p.chunk);
+      prefetch_row<false>(p.dout.data, off_dout + t_prev, p.dout.dtype, p.chunk);
+      if (p.z.data) prefetch_row<false>(p.z.data, off_z + t_prev, p.z.dtype, p.chunk);
+      prefetch_row<true>(p.du, ch.dense + t_prev, p.u.dtype, p.chunk);
+      prefetch_row<true>(p.ddelta, ch.dense + t_prev, p.delta.dtype, p.chunk);
+      if (p.z.data) prefetch_row<true>(p.dz, ch.dense + t_prev, p.z.dtype, p.chunk);
+    }
     load_steps(p, ch, t0, T, true, s);
     const ChannelRows rows = channel_rows(B, C, p, b, d, t0, r, ch.kept, T, s);
 
