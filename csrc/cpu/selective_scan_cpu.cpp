@@ -262,9 +262,10 @@ COMPRESSM_ALWAYS_INLINE void gate_steps_impl(const GateArgs& a) {
     return;
   }
   if (z) {
-    for (int t = 0; t < a.T; ++t) {
-      dz[t] = dout[t] * (y[t] + a.D * u[t]) * silu_grad_f32(z[t]);
-      dout[t] *= silu_f32(z[t]);
+    for (int t = 0; t < a.T; ++t) {  // silu and its derivative from one sigmoid (silu_f32, silu_grad_f32)
+      const float sig = sigmoid_f32(z[t]);
+      dz[t] = dout[t] * (y[t] + a.D * u[t]) * (sig * (1.0f + z[t] * (1.0f - sig)));
+      dout[t] *= z[t] * sig;
     }
   }
   float dD = 0.0f;
