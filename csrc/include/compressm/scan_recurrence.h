@@ -38,6 +38,26 @@ namespace compressm {
 
 // ---------------------------------------------------------------------------------------------- scalars
 
+// The shifter of round_capped: adding 1.5·2^23 pushes a float's fraction out of the mantissa.
+constexpr float kShifter = 12582912.0f;
+constexpr uint32_t kShifterBits = 0x4B400000u;
+
+// n = round(x·scale) capped at `cap`, returned as a float; `bits` receives the bits of kShifter + n, whose low
+// mantissa bits hold n (so n's integer is a bit difference, no float-to-int conversion). The cap is one integer
+// min on the bits (NaN and +inf have larger bit patterns too). Shared by the two exps below.
+template <typename F, typename I>
+__attribute__((always_inline)) inline F round_capped(F x, float scale, uint32_t cap, I& bits) {
+  const F shifter = F{} + kShifter;
+  const F rounded = x * scale + shifter;
+  I rounded_bits;
+  __builtin_memcpy(&rounded_bits, &rounded, sizeof(rounded_bits));
+  const I top = I{} + (kShifterBits + cap);
+  bits = rounded_bits < top ? rounded_bits : top;
+  F shifted;
+  __builtin_memcpy(&shifted, &bits, sizeof(shifted));
+  return shifted - shifter;
+}
+
 // exp(x) in fp32 on the host, for F = float or a GCC vector of floats (I: the unsigned type of that shape),
 // in the loops the compiler vectorises (softplus, silu; the decay has exp_table below). Cody-Waite range
 // reduction x = k·ln2 + r, |r| <= ln2/2, and a degree-6 polynomial fitted for least maximum relative error on
@@ -48,20 +68,10 @@ namespace compressm {
 template <typename F, typename I>
 __attribute__((always_inline)) inline F exp_poly(F x) {
   const F lo = F{} - 87.33f;  // exp(lo) ~ FLT_MIN
-  // Round x/ln2 to nearest: adding 1.5·2^23 pushes the fraction out of the mantissa, leaving k in the low
-  // mantissa bits of `shifted` (so k's integer is a bit difference, no float-to-int conversion).
-  const F shifter = F{} + 12582912.0f;
-  const F rounded = x * 1.44269504088896341f + shifter;
-  I rounded_bits, shifter_bits;
-  __builtin_memcpy(&rounded_bits, &rounded, sizeof(rounded_bits));
-  __builtin_memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
-  // k <= 127 by one integer min on the bits (NaN and +inf have larger bit patterns too), so 2^k stays finite
-  // and p·2^k overflows to inf exactly where exp does; r keeps x unclamped (r = +inf for x = +inf).
-  const I top = shifter_bits + 127;
-  const I shifted_bits = rounded_bits < top ? rounded_bits : top;
-  F shifted;
-  __builtin_memcpy(&shifted, &shifted_bits, sizeof(shifted));
-  const F k = shifted - shifter;
+  // k = round(x/ln2) <= 127, so 2^k stays finite and p·2^k overflows to inf exactly where exp does; r keeps x
+  // unclamped (r = +inf for x = +inf).
+  I shifted_bits;
+  const F k = round_capped(x, 1.44269504088896341f, 127, shifted_bits);
   const F r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.12194440e-4
   F p = F{} + 1.384365372e-3f;
   p = p * r + 8.374155499e-3f;
@@ -70,9 +80,9 @@ __attribute__((always_inline)) inline F exp_poly(F x) {
   p = p * r + 4.999999404e-1f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  // 2^k = (k + 127) << 23 with k = shifted_bits - shifter_bits, as one shift and one subtraction of a
+  // 2^k = (k + 127) << 23 with k = shifted_bits - kShifterBits, as one shift and one subtraction of a
   // constant (unsigned, so the shifts wrap); k in [-126, 127] for x >= lo.
-  const I bits = (shifted_bits << 23) - ((shifter_bits - 127) << 23);
+  const I bits = (shifted_bits << 23) - ((kShifterBits - 127) << 23);
   F scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   const F e = p * scale;
@@ -172,19 +182,10 @@ struct Exp2Eighths {
 template <typename F, typename I>
 __attribute__((always_inline)) inline F exp_table(F x) {
   const F lo = F{} - 87.33f;  // exp(lo) ~ FLT_MIN
-  // n = round(x·8/ln2) in the low mantissa bits of `rounded`, as in exp_poly.
-  const F shifter = F{} + 12582912.0f;
-  const F rounded = x * 11.5415601730f + shifter;
-  I rounded_bits, shifter_bits;
-  __builtin_memcpy(&rounded_bits, &rounded, sizeof(rounded_bits));
-  __builtin_memcpy(&shifter_bits, &shifter, sizeof(shifter_bits));
-  // n <= 1023 (k <= 127) by one integer min on the bits, so 2^k · T stays finite and T·(1 + s) overflows to
-  // inf where exp does; r keeps x unclamped.
-  const I top = shifter_bits + 1023;
-  const I n_bits = rounded_bits < top ? rounded_bits : top;
-  F shifted;
-  __builtin_memcpy(&shifted, &n_bits, sizeof(shifted));
-  const F n = shifted - shifter;
+  // n = round(x·8/ln2) <= 1023 (k <= 127), so 2^k · T stays finite and T·(1 + s) overflows to inf where exp
+  // does; r keeps x unclamped.
+  I n_bits;
+  const F n = round_capped(x, 11.5415601730f, 1023, n_bits);
   // ln2/8 = 0.086639404296875 (12 significant bits: n times it is exact) + 3.99327291e-6.
   const F r = (x - n * 0.086639404296875f) - n * 3.99327291e-6f;
   F q = F{} + 1.6666857208e-1f;
