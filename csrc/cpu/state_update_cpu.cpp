@@ -238,11 +238,16 @@ void state_update(const StateUpdateParams& p) {
   // A fork/join of warm OpenMP threads costs about a microsecond (measured: two threads already gain at 1k
   // states, 2 µs of work); threads from 4k state updates, where one thread needs several microseconds.
   const int threads = static_cast<int64_t>(p.batch) * p.dim * p.dstate >= 4096 ? p.num_threads : 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t task = 0; task < tasks; ++task) {
+  auto run = [&](int64_t task) {
     const int b = static_cast<int>(task / blocks), d0 = static_cast<int>(task % blocks) * kBlock;
     block_step({&p, b, d0, std::min(kBlock, p.dim - d0)});
+  };
+  if (threads == 1) {  // no OpenMP region: even a one-thread team costs libgomp a futex call per step
+    for (int64_t task = 0; task < tasks; ++task) run(task);
+    return;
   }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) run(task);
 }
 
 }  // namespace compressm::cpu
