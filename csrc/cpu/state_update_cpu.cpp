@@ -50,8 +50,8 @@ class GroupRow {
 // The common case: f32 state, B and C with unit stride along N, no per-channel mask. Each channel reads
 // its rows in place; lanes[i] = channel d0 + i's C·h folded to eight lanes. kV, kExact: as advance_states.
 // The channels go in runs that share their B and C rows (the whole block with one group), so the loop over
-// a run does no per-channel bookkeeping beyond two pointer increments: at N = 8-32 that bookkeeping was
-// 3-7 % of the step.
+// a run does no per-channel bookkeeping beyond two pointer increments (with Δ·x taken from the block's
+// array: 6-15 % faster than finding each channel's group rows and offsets).
 template <int kV, bool kExact>
 COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* delta, const float* delta_x,
                                                v8f* lanes) {
