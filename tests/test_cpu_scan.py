@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +230,25 @@ def test_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(cpu.selective_scan_fwd_cpu, fwd, test_utils=("test_schema", "test_faketensor"))
     bwd = (*fwd, carries, torch.randn_like(out), torch.randn(2, 4, 5))
     torch.library.opcheck(cpu.selective_scan_bwd_cpu, bwd, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_isa_follows_the_baseline_switch() -> None:
+    isa = cpu.load_extension("_C")[0].cpu_isa()
+    if os.environ.get("COMPRESSM_CPU_BASELINE"):
+        assert isa == "baseline"
+    else:
+        assert isa in ("avx2+fma", "baseline")
+
+
+def test_baseline_loops_pass_the_cpu_kernel_tests() -> None:
+    # A wheel runs the baseline x86-64 loops on CPUs without AVX2+FMA. Where those exist, COMPRESSM_CPU_BASELINE
+    # forces the baseline loops (the choice is made once per process): this file and the decode step's tests run
+    # again that way in a child process, which also checks that the switch took.
+    if os.environ.get("COMPRESSM_CPU_BASELINE"):
+        pytest.skip("this process already runs the baseline loops")
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_cpu_scan.py"),
+         str(tests / "test_cpu_state_update.py")],
+        env={**os.environ, "COMPRESSM_CPU_BASELINE": "1"}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

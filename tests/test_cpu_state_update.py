@@ -261,10 +261,11 @@ def test_decay_exp_matches_torch_over_its_range(dstate: int) -> None:
 
 @pytest.mark.parametrize("dstate", [5, 64], ids=str)  # the scalar loop; eight-lane vectors
 def test_decay_exp_within_its_ulp_bound(dstate: int) -> None:
-    # The decay's table exp promises 1.15 ulp against the exact exp wherever the result is a normal float:
-    # 327,680 points from -87.3 to 88.6 with h = 1, x = 0, Δ = 1 (so the new state is exp(A)), checked in
-    # units in the last place against float64. A wrong table entry, a wrong k or a dropped Cody-Waite term is
-    # off by far more.
+    # The decay's table exp promises 1.15 ulp against the exact exp wherever the result is a normal float
+    # (1.35 on the baseline loops, without FMA: T + T·s rounds twice): 327,680 points from -87.3 to 88.6 with
+    # h = 1, x = 0, Δ = 1 (so the new state is exp(A)), checked in units in the last place against float64. A
+    # wrong table entry, a wrong k or a dropped Cody-Waite term is off by far more.
+    bound = 1.15 if cpu.load_extension("_C")[0].cpu_isa() == "avx2+fma" else 1.35
     A = torch.linspace(-87.3, 88.6, 320 * 1024).reshape(-1, dstate)
     dim = A.shape[0]
     state = torch.ones(1, dim, dstate)
@@ -272,7 +273,7 @@ def test_decay_exp_within_its_ulp_bound(dstate: int) -> None:
     selective_state_update(state, torch.zeros(1, dim), torch.ones(1, dim), A, zeros, zeros, backend="cpu")
     exact = torch.exp(A.double())
     ulp = (torch.nextafter(exact.float(), torch.tensor(math.inf)) - exact.float()).double()
-    assert ((state[0].double() - exact).abs() / ulp).max().item() <= 1.15
+    assert ((state[0].double() - exact).abs() / ulp).max().item() <= bound
 
 
 def test_softplus_of_dt_matches_float64_over_its_range() -> None:

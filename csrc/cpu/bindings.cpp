@@ -274,6 +274,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("ranks"), py::arg("kept"), py::arg("delta_softplus"), py::arg("chunk"),
         py::arg("carries"), py::arg("dout"), py::arg("dlast"));
+  m.def("cpu_isa", &compressm::cpu::isa, "the loops the CPU kernels run: avx2+fma or baseline");
   m.def("state_update", &state_update, "one decode step, state updated in place -> out", py::arg("state"),
         py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("dt_bias"), py::arg("ranks"), py::arg("kept"), py::arg("dt_softplus"));

@@ -16,6 +16,7 @@
 #include <compressm/scan_recurrence.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "scan_cpu.h"
 
@@ -195,8 +196,11 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define COMPRESSM_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// COMPRESSM_CPU_BASELINE (any value) forces the baseline loops, the path a wheel takes on CPUs without AVX2+FMA,
+// so machines that have them can test it.
 inline bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("COMPRESSM_CPU_BASELINE") == nullptr;
   return has;
 }
 // Defines `static void name(const Args&)` that runs `name##_impl` (an always-inline template body)

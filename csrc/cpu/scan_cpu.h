@@ -74,4 +74,7 @@ struct StateUpdateParams {
 
 void state_update(const StateUpdateParams& p);
 
+// The loops the kernels run: "avx2+fma" or "baseline" (x86-64 without them, or COMPRESSM_CPU_BASELINE set).
+const char* isa();
+
 }  // namespace compressm::cpu

@@ -731,4 +731,12 @@ void scan_bwd(const ScanParams& p) {
   }
 }
 
+const char* isa() {
+#if defined(COMPRESSM_TARGET_AVX2)
+  return cpu_has_avx2_fma() ? "avx2+fma" : "baseline";
+#else
+  return "baseline";
+#endif
+}
+
 }  // namespace compressm::cpu
