@@ -182,6 +182,14 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
     return v8f{sum};
   }
   const v8f dl = broadcast8(delta), dx = broadcast8(delta_x);
+  if constexpr (kExact) {
+    // Whole vectors: the states first, then C·h from the rows just written (in one loop, 8-9 % slower at N = 32
+    // and no faster at 64). Not with an overlapping last vector: its store would stall the reload of the one before.
+    for (int k = 0; k < r; k += 8) store8(h + k, forward_step(load8(h + k), dl, load8(A + k), dx, load8(B + k)));
+    v8f acc = {};
+    for (int k = 0; k < r; k += 8) acc += load8(C + k) * load8(h + k);
+    return acc;
+  }
   const int nv = kV > 0 ? kV : (r + 7) / 8, last = r - 8;
   const v8f h_last = forward_step(load8(h + last), dl, load8(A + last), dx, load8(B + last));
   v8f acc = tail_lanes(r - 8 * (nv - 1)) ? load8(C + last) * h_last : v8f{};
