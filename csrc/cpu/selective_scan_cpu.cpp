@@ -206,12 +206,13 @@ COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {  // the s
 }
 COMPRESSM_DISPATCH(reverse_core, ReverseArgs)
 
-// Per-step math of one channel over T steps (vectorised across steps): delta holds the raw δ on entry and
-// Δ on exit; grad (nullptr in the forward, which has no use for it) receives dΔ/dδ and delta_u Δ·u.
+// Per-step math of one channel over T steps (vectorised across steps): delta receives Δ from the raw δ, grad
+// (nullptr in the forward, which has no use for it) dΔ/dδ, and delta_u Δ·u.
 struct DiscretizeArgs {
   int T;
   float bias;
   bool softplus;
+  const float* raw;
   float* delta;
   float* grad;
   float* delta_u;
@@ -219,31 +220,34 @@ struct DiscretizeArgs {
 };
 
 COMPRESSM_ALWAYS_INLINE void discretize_steps_impl(const DiscretizeArgs& a) {
+  const float* __restrict raw = a.raw;
   float* __restrict delta = a.delta;
   float* __restrict grad = a.grad;
   float* __restrict delta_u = a.delta_u;
   const float* __restrict u = a.u;
-  if (grad) {
-    for (int t = 0; t < a.T; ++t) grad[t] = discretize_grad(delta[t], a.bias, a.softplus);
-  }
-  if (a.softplus) {
-    for (int t = 0; t < a.T; ++t) delta[t] = discretize(delta[t], a.bias, true);
+  if (a.softplus && grad) {
+    for (int t = 0; t < a.T; ++t) delta[t] = softplus_and_grad_f32(raw[t] + a.bias, grad[t]);
+  } else if (a.softplus) {
+    for (int t = 0; t < a.T; ++t) delta[t] = softplus_f32(raw[t] + a.bias);
   } else {
-    for (int t = 0; t < a.T; ++t) delta[t] = discretize(delta[t], a.bias, false);
+    for (int t = 0; t < a.T; ++t) delta[t] = raw[t] + a.bias;
+    if (grad) std::fill_n(grad, a.T, 1.0f);
   }
   for (int t = 0; t < a.T; ++t) delta_u[t] = delta[t] * u[t];
 }
 COMPRESSM_DISPATCH(discretize_steps, DiscretizeArgs)
 
 // The D skip and the z gate. Forward (dout == nullptr): y <- (y + D·u)·silu(z). Backward: y is Σ C h,
-// dout <- dy = dout·silu(z) (the gradient reaching Σ C h), dz = dout·(y + D·u)·silu'(z), *dD += Σ dy·u.
+// dy = dout·silu(z) (the gradient reaching Σ C h; without a gate dy is dout and not written),
+// dz = dout·(y + D·u)·silu'(z), *dD += Σ dy·u.
 struct GateArgs {
   int T;
   float D;
   const float* u;
   const float* z;  // nullptr: no gate
   float* y;
-  float* dout;
+  const float* dout;
+  float* dy;
   float* dz;
   float* dD;
 };
@@ -252,7 +256,7 @@ COMPRESSM_ALWAYS_INLINE void gate_steps_impl(const GateArgs& a) {
   const float* __restrict u = a.u;
   const float* __restrict z = a.z;
   float* __restrict y = a.y;
-  float* __restrict dout = a.dout;
+  const float* __restrict dout = a.dout;
   float* __restrict dz = a.dz;
   if (dout == nullptr) {
     for (int t = 0; t < a.T; ++t) y[t] += a.D * u[t];
@@ -261,16 +265,21 @@ COMPRESSM_ALWAYS_INLINE void gate_steps_impl(const GateArgs& a) {
     }
     return;
   }
+  const float D = a.D;  // a local, or GCC versions the loop for the stores aliasing a.D (and then gives up)
+  float dD = 0.0f;
   if (z) {
+    float* __restrict dy = a.dy;
     for (int t = 0; t < a.T; ++t) {  // silu and its derivative from one sigmoid (silu_f32, silu_grad_f32)
       const float sig = sigmoid_f32(z[t]);
-      dz[t] = dout[t] * (y[t] + a.D * u[t]) * (sig * (1.0f + z[t] * (1.0f - sig)));
-      dout[t] *= z[t] * sig;
+      dz[t] = dout[t] * (y[t] + D * u[t]) * (sig * (1.0f + z[t] * (1.0f - sig)));
+      dy[t] = dout[t] * (z[t] * sig);
     }
-  }
-  float dD = 0.0f;
 #pragma omp simd reduction(+ : dD)
-  for (int t = 0; t < a.T; ++t) dD += dout[t] * u[t];
+    for (int t = 0; t < a.T; ++t) dD += dy[t] * u[t];
+  } else {
+#pragma omp simd reduction(+ : dD)
+    for (int t = 0; t < a.T; ++t) dD += dout[t] * u[t];
+  }
   *a.dD += dD;
 }
 COMPRESSM_DISPATCH(gate_steps, GateArgs)
@@ -355,13 +364,14 @@ Rows variable_rows(const Operand& x, bool variable, int groups, const ScanParams
 // Per-thread working memory, sized once per thread.
 struct Scratch {
   std::vector<float> A, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;  // (NP,)
-  std::vector<float> delta, delta_grad, delta_u, u, y, dy, ddelta, du, z, dz;  // (chunk,)
+  std::vector<float> delta, delta_grad, delta_u, y, dy, ddelta, du, dz;    // (chunk,)
+  std::vector<float> raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
   std::vector<float> hist, B_gather, C_gather, dB_gather, dC_gather;        // (chunk, NP)
 
   Scratch(int N, int chunk, bool backward)
       : A(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)), B_inv(round8(N)),
         C_inv(round8(N)), dB_inv(round8(N)), dC_inv(round8(N)), delta(chunk), delta_grad(chunk), delta_u(chunk),
-        u(chunk), y(chunk), dy(chunk), ddelta(chunk), du(chunk), z(chunk), dz(chunk),
+        y(chunk), dy(chunk), ddelta(chunk), du(chunk), dz(chunk), raw(chunk), u(chunk), z(chunk), dout(chunk),
         B_gather(static_cast<size_t>(chunk) * round8(N)), C_gather(static_cast<size_t>(chunk) * round8(N)) {
     if (backward) {
       hist.resize(static_cast<size_t>(chunk) * round8(N));
@@ -521,12 +531,30 @@ void prefetch_row(const void* data, int64_t off, DType t, int T) {
   for (int64_t i = 0; i < T * size; i += 64) __builtin_prefetch(row + i, kWrite ? 1 : 0);
 }
 
-// Δ_t, Δ_t u_t, u_t (and dΔ/dδ) for steps [t0, t0 + T) of a channel.
-void load_steps(const ScanParams& p, const Channel& ch, int t0, int T, bool grad, Scratch& s) {
-  load_row(p.delta.data, ch.b * p.delta.stride0 + ch.d * p.delta.stride1 + t0, p.delta.dtype, T, s.delta.data());
-  load_row(p.u.data, ch.act + t0, p.u.dtype, T, s.u.data());
+// T steps of an activation row from element `off` as fp32: the tensor's own memory when it is fp32, else
+// converted into `buf` (copying fp32 rows, and writing outputs through a copy, cost 5-9 % of a scan at N = 8).
+const float* steps_in(const Operand& op, int64_t off, int T, std::vector<float>& buf) {
+  if (op.dtype == DType::f32) return static_cast<const float*>(op.data) + off;
+  load_row(op.data, off, op.dtype, T, buf.data());
+  return buf.data();
+}
+
+// Where T steps of a dense (Bt, D, L) output from element `off` are computed: in place when it is fp32, else
+// in `buf`, which steps_out_done then converts.
+float* steps_out(void* data, DType t, int64_t off, std::vector<float>& buf) {
+  return t == DType::f32 ? static_cast<float*>(data) + off : buf.data();
+}
+void steps_out_done(void* data, DType t, int64_t off, int T, const float* steps) {
+  if (t != DType::f32) store_row(data, off, t, T, steps);
+}
+
+// Δ_t and Δ_t u_t (and dΔ/dδ) for steps [t0, t0 + T) of a channel; returns its u_t as fp32.
+const float* load_steps(const ScanParams& p, const Channel& ch, int t0, int T, bool grad, Scratch& s) {
+  const float* raw = steps_in(p.delta, ch.b * p.delta.stride0 + ch.d * p.delta.stride1 + t0, T, s.raw);
+  const float* u = steps_in(p.u, ch.act + t0, T, s.u);
   float* delta_grad = grad ? s.delta_grad.data() : nullptr;
-  discretize_steps({T, ch.bias, p.delta_softplus, s.delta.data(), delta_grad, s.delta_u.data(), s.u.data()});
+  discretize_steps({T, ch.bias, p.delta_softplus, raw, s.delta.data(), delta_grad, s.delta_u.data(), u});
+  return u;
 }
 
 void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s) {
@@ -536,18 +564,19 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
   const int64_t off_z = p.z.data ? b * p.z.stride0 + d * p.z.stride1 : 0;
   for (int c = 0; c < n_chunks; ++c) {
     const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
-    load_steps(p, ch, t0, T, false, s);
+    const float* u = load_steps(p, ch, t0, T, false, s);
     const ChannelRows rows = channel_rows(B, C, p, b, d, t0, ch.r, ch.kept, T, s);
+    float* y = steps_out(p.out, p.u.dtype, ch.dense + t0, s.y);
     forward_core({ch.r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
-                  rows.ldc, s.y.data(), nullptr});
+                  rows.ldc, y, nullptr});
 
     float* carry = p.carries + ((static_cast<int64_t>(b) * p.dim + d) * n_chunks + c) * N;
     if (ch.kept) std::fill_n(carry, N, 0.0f);  // masked states stay exactly 0
     for (int k = 0; k < ch.r; ++k) carry[ch.state(k)] = s.h[k];
 
-    if (p.z.data) load_row(p.z.data, off_z + t0, p.z.dtype, T, s.z.data());
-    gate_steps({T, ch.D, s.u.data(), p.z.data ? s.z.data() : nullptr, s.y.data(), nullptr, nullptr, nullptr});
-    store_row(p.out, ch.dense + t0, p.u.dtype, T, s.y.data());
+    const float* z = p.z.data ? steps_in(p.z, off_z + t0, T, s.z) : nullptr;
+    gate_steps({T, ch.D, u, z, y, nullptr, nullptr, nullptr, nullptr});
+    steps_out_done(p.out, p.u.dtype, ch.dense + t0, T, y);
   }
 }
 
@@ -585,7 +614,7 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
       prefetch_row<true>(p.ddelta, ch.dense + t_prev, p.delta.dtype, p.chunk);
       if (p.z.data) prefetch_row<true>(p.dz, ch.dense + t_prev, p.z.dtype, p.chunk);
     }
-    load_steps(p, ch, t0, T, true, s);
+    const float* u = load_steps(p, ch, t0, T, true, s);
     const ChannelRows rows = channel_rows(B, C, p, b, d, t0, r, ch.kept, T, s);
 
     // Recompute the chunk's states from the carry saved by the forward.
@@ -596,10 +625,12 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
                        rows.ldc, s.y.data(), s.hist.data()});
 
     // Through the z gate and the D skip: dy is the gradient of Σ_n C h.
-    load_row(p.dout.data, off_dout + t0, p.dout.dtype, T, s.dy.data());
-    if (p.z.data) load_row(p.z.data, off_z + t0, p.z.dtype, T, s.z.data());
-    gate_steps({T, ch.D, s.u.data(), p.z.data ? s.z.data() : nullptr, s.y.data(), s.dy.data(), s.dz.data(), &dD});
-    if (p.z.data) store_row(p.dz, ch.dense + t0, p.z.dtype, T, s.dz.data());
+    const float* dout = steps_in(p.dout, off_dout + t0, T, s.dout);
+    const float* z = p.z.data ? steps_in(p.z, off_z + t0, T, s.z) : nullptr;
+    float* dz = z ? steps_out(p.dz, p.z.dtype, ch.dense + t0, s.dz) : nullptr;
+    gate_steps({T, ch.D, u, z, s.y.data(), dout, s.dy.data(), dz, &dD});
+    const float* dy = z ? s.dy.data() : dout;
+    if (z) steps_out_done(p.dz, p.z.dtype, ch.dense + t0, T, dz);
 
     // This channel's group rows of the thread's partial dB/dC, from step t0.
     auto part_rows = [&](float* part, const Rows& rows) {
@@ -620,17 +651,18 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
       lddc = ch.kept ? rp : np;
       if (ch.kept) std::fill_n(dCp, static_cast<size_t>(T) * rp, 0.0f);
     }
-    reverse_core({r, T, s.A.data(), s.carry.data(), s.delta.data(), s.u.data(), s.dy.data(), rows.B, rows.ldb,
-                  rows.C, rows.ldc, s.h_in.data(), s.hist.data(), dBp, lddb, dCp, lddc, s.dA.data(), s.ddelta.data(),
-                  s.du.data()});
+    float* ddelta = steps_out(p.ddelta, p.delta.dtype, ch.dense + t0, s.ddelta);
+    float* du = steps_out(p.du, p.u.dtype, ch.dense + t0, s.du);
+    reverse_core({r, T, s.A.data(), s.carry.data(), s.delta.data(), u, dy, rows.B, rows.ldb, rows.C, rows.ldc,
+                  s.h_in.data(), s.hist.data(), dBp, lddb, dCp, lddc, s.dA.data(), ddelta, du});
     if (ch.kept) {  // add the kept states' columns back at their state indices
       if (p.b_variable) scatter_add_columns({s.dB_gather.data(), p.seqlen, T, r, ch.kept, dB_rows});
       if (p.c_variable) scatter_add_columns({s.dC_gather.data(), p.seqlen, T, r, ch.kept, dC_rows});
     }
 
-    finish_steps({T, ch.D, s.delta_grad.data(), s.dy.data(), s.ddelta.data(), s.du.data(), &ddelta_bias});
-    store_row(p.ddelta, ch.dense + t0, p.delta.dtype, T, s.ddelta.data());
-    store_row(p.du, ch.dense + t0, p.u.dtype, T, s.du.data());
+    finish_steps({T, ch.D, s.delta_grad.data(), dy, ddelta, du, &ddelta_bias});
+    steps_out_done(p.ddelta, p.delta.dtype, ch.dense + t0, T, ddelta);
+    steps_out_done(p.du, p.u.dtype, ch.dense + t0, T, du);
   }
 
   for (int k = 0; k < r; ++k) {

@@ -120,11 +120,9 @@ COMPRESSM_HOST_DEVICE float sigmoid_f32(float x) {
 // softplus(x) = log(1 + e^x), with torch's threshold: x for x > 20. On the host as max(x, 0) + log1p(t),
 // t = e^-|x| in (0, 1]: log1p(t) = 2·atanh(s), s = t / (2 + t) in [0, 1/3], by atanh's odd series to s^15
 // (truncation < 2e-9): one exp and one division, within about 3 ulp.
-COMPRESSM_HOST_DEVICE float softplus_f32(float x) {
-#if defined(__CUDA_ARCH__)
-  return x > 20.0f ? x : log1pf(expf(x));
-#else
-  const float t = exp_f32(-fabsf(x));
+#if !defined(__CUDA_ARCH__)
+// softplus(x) on the host given t = e^-|x| (below).
+__attribute__((always_inline)) inline float softplus_given_exp(float x, float t) {
   const float s = t / (2.0f + t), s2 = s * s;
   float p = 1.0f / 15.0f;
   p = p * s2 + 1.0f / 13.0f;
@@ -136,11 +134,33 @@ COMPRESSM_HOST_DEVICE float softplus_f32(float x) {
   p = p * s2 + 1.0f;
   const float v = (x > 0.0f ? x : 0.0f) + 2.0f * s * p;
   return x > 20.0f ? x : v;
+}
+#endif
+
+COMPRESSM_HOST_DEVICE float softplus_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return x > 20.0f ? x : log1pf(expf(x));
+#else
+  return softplus_given_exp(x, exp_f32(-fabsf(x)));
 #endif
 }
 
 // d softplus / dx = sigmoid(x) (exactly 1 above the threshold, as torch's backward).
 COMPRESSM_HOST_DEVICE float softplus_grad_f32(float x) { return x > 20.0f ? 1.0f : sigmoid_f32(x); }
+
+// softplus(x), and its derivative into `grad`, for the backward. On the host from one exp: sigmoid(x) is
+// 1 / (1 + t) for x >= 0 and t / (1 + t) below, t = e^-|x| as softplus_given_exp takes it.
+COMPRESSM_HOST_DEVICE float softplus_and_grad_f32(float x, float& grad) {
+#if defined(__CUDA_ARCH__)
+  grad = softplus_grad_f32(x);
+  return softplus_f32(x);
+#else
+  const float t = exp_f32(-fabsf(x));
+  const float inv = 1.0f / (1.0f + t);
+  grad = x > 20.0f ? 1.0f : (x >= 0.0f ? inv : t * inv);
+  return softplus_given_exp(x, t);
+#endif
+}
 
 COMPRESSM_HOST_DEVICE float silu_f32(float x) { return x * sigmoid_f32(x); }
 
