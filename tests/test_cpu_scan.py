@@ -23,9 +23,9 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NO_FLAGS = {"has_D": False, "has_z": False, "has_delta_bias": False, "delta_softplus": False}
 
 CASES = [
-    # awkward N at small D (L = 200 spans several chunks of cpu.MIN_CHUNK steps); states are padded to whole
-    # 8-lane vectors, 1-4 of them held in registers, more through memory: every kernel size path, with padding
-    *(Case(dim=4, seqlen=200, dstate=n) for n in (1, 2, 3, 4, 7, 9, 12, 13, 16, 20, 32, 33, 64)),
+    # awkward N at small D (L = 600 spans three chunks of cpu.CHUNK steps, the last one partial); states are padded
+    # to whole 8-lane vectors, 1-4 of them held in registers, more through memory: every kernel size path, with padding
+    *(Case(dim=4, seqlen=600, dstate=n) for n in (1, 2, 3, 4, 7, 9, 12, 13, 16, 20, 32, 33, 64)),
     Case(batch=1, dim=3, seqlen=63, dstate=256),
     Case(dim=5, seqlen=1, dstate=12),
     Case(dim=5, seqlen=63, dstate=13, **NO_FLAGS),

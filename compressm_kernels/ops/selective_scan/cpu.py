@@ -19,8 +19,10 @@ from ..._extensions import load_extension
 from .inputs import ScanInputs
 from .masks import compact_scan_args, kept_states, mask_to_ranks
 
-# Steps per chunk (at least N, so the saved carries, n_chunks·N per channel, stay within L + N).
-MIN_CHUNK = 64
+# Steps per chunk: the kernel's largest (kMaxChunk), at least N for every N it takes, so the saved carries
+# (n_chunks·N per channel) stay within L + N. Fewer chunk boundaries: the backward is 5-13 % faster than with 64
+# steps (N = 8-64, L = 512), the forward the same.
+CHUNK = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -32,7 +34,7 @@ def _ext():
 
 
 def chunk_size(dstate: int) -> int:
-    return max(MIN_CHUNK, dstate)
+    return max(CHUNK, dstate)
 
 
 # ------------------------------------------------------------------------------------------ custom ops
