@@ -58,6 +58,19 @@ inline void load_row(const void* data, int64_t off, DType t, int n, float* dst) 
   }
 }
 
+// The n values data[off + i·stride] as fp32: the tensor's own memory when it is fp32 with unit stride, else
+// converted into buf. The kernels read their activation rows through it: copying fp32 rows cost 5-9 % of a scan
+// at N = 8 and libc memcpy calls 6 % of a decode step there.
+inline const float* row_as_f32(const void* data, DType t, int64_t off, int64_t stride, int n, float* buf) {
+  if (stride == 1 && t == DType::f32) return static_cast<const float*>(data) + off;
+  if (stride == 1) {
+    load_row(data, off, t, n, buf);
+  } else {
+    for (int i = 0; i < n; ++i) buf[i] = load(data, off + i * stride, t);
+  }
+  return buf;
+}
+
 // n fp32 values to data + off (unit stride) in dtype t.
 inline void store_row(void* data, int64_t off, DType t, int n, const float* src) {
   switch (t) {

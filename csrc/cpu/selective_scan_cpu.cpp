@@ -531,12 +531,9 @@ void prefetch_row(const void* data, int64_t off, DType t, int T) {
   for (int64_t i = 0; i < T * size; i += 64) __builtin_prefetch(row + i, kWrite ? 1 : 0);
 }
 
-// T steps of an activation row from element `off` as fp32: the tensor's own memory when it is fp32, else
-// converted into `buf` (copying fp32 rows, and writing outputs through a copy, cost 5-9 % of a scan at N = 8).
+// T steps of an activation row (unit stride along L) from element `off` as fp32 (in place when fp32).
 const float* steps_in(const Operand& op, int64_t off, int T, std::vector<float>& buf) {
-  if (op.dtype == DType::f32) return static_cast<const float*>(op.data) + off;
-  load_row(op.data, off, op.dtype, T, buf.data());
-  return buf.data();
+  return row_as_f32(op.data, op.dtype, off, 1, T, buf.data());
 }
 
 // Where T steps of a dense (Bt, D, L) output from element `off` are computed: in place when it is fp32, else

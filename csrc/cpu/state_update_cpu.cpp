@@ -15,18 +15,9 @@ namespace {
 constexpr int kMaxState = 256;  // the package's MAX_DSTATE; bindings.cpp checks it
 constexpr int kBlock = 128;     // channels per block: the block's scalars stay in L1 (64: 1-5 % slower)
 
-// The block's n values of a (Bt, D) token operand as fp32: read in place when they are fp32 with unit stride,
-// else converted into buf (the dtype switch sits outside the loops so they vectorise). Copying fp32 rows cost
-// libc memcpy calls: 6 % of a step at N = 8.
+// The block's n values of a (Bt, D) token operand as fp32 (in place when they are fp32 rows).
 COMPRESSM_ALWAYS_INLINE const float* token_row(const Operand& op, int b, int d0, int n, float* buf) {
-  const int64_t off = b * op.stride0 + d0 * op.stride1;
-  if (op.stride1 == 1) {
-    if (op.dtype == DType::f32) return static_cast<const float*>(op.data) + off;
-    load_row(op.data, off, op.dtype, n, buf);
-  } else {
-    for (int i = 0; i < n; ++i) buf[i] = load(op.data, off + i * op.stride1, op.dtype);
-  }
-  return buf;
+  return row_as_f32(op.data, op.dtype, b * op.stride0 + d0 * op.stride1, op.stride1, n, buf);
 }
 
 struct BlockArgs {
