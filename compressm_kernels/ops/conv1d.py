@@ -1,11 +1,13 @@
-"""Depthwise causal conv1d (Mamba's short convolution): causal-conv1d's kernels on CUDA when installed,
-otherwise a correct PyTorch implementation (CPU, or a GPU without causal-conv1d)."""
+"""Depthwise causal conv1d (Mamba's short convolution): causal-conv1d's kernels on CUDA when installed, our
+C++ kernel on CPU (:mod:`.conv1d_cpu`), otherwise a correct PyTorch implementation (also the reference)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import conv1d_cpu
 
 try:  # causal-conv1d imports only with its CUDA extension
     from causal_conv1d import causal_conv1d_fn as _cuda_conv
@@ -55,6 +57,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     if _uses_cuda_kernel(x) and 2 <= weight.shape[1] <= 4:
         _check(x, weight, bias, activation)
         return _cuda_conv(x, weight, bias, activation=activation)
+    if x.dim() == 3 and conv1d_cpu.unavailable_reason(x, weight, bias) is None:
+        _check(x, weight, bias, activation)
+        return conv1d_cpu.causal_conv1d_cpu(x, weight, bias, silu=activation in ("silu", "swish"))
     return causal_conv1d_torch(x, weight, bias, activation)
 
 

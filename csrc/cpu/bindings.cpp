@@ -263,6 +263,56 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
   return out;
 }
 
+// Everything the conv's forward and backward share: shapes, x, the weight and bias.
+struct Conv1dSetup {
+  compressm::cpu::Conv1dParams p;
+  Tensor weight, bias;  // contiguous copies the params point into
+};
+
+Conv1dSetup setup_conv1d(const Tensor& x, const Tensor& weight, const OptTensor& bias, bool silu) {
+  Conv1dSetup s;
+  auto& p = s.p;
+  check_cpu(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.numel() > 0, "x must be a non-empty (Bt, D, L) tensor, got ", shape_of(x));
+  const int64_t batch = x.size(0), dim = x.size(1), seqlen = x.size(2);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == dim && weight.size(1) >= 1,
+                    "weight must have shape (D, W) with D=", dim, ", got ", shape_of(weight));
+  p.batch = batch, p.dim = dim, p.seqlen = seqlen, p.width = weight.size(1);
+  p.silu = silu;
+  p.num_threads = scan_threads(batch * dim * seqlen * p.width);
+  p.x = activation(x, "x", batch, dim, seqlen);
+  s.weight = param(weight, "weight", {dim, p.width});
+  p.weight = s.weight.data_ptr<float>();
+  OptTensor keep;
+  p.bias = opt_param(bias, "bias", {dim}, keep);
+  if (keep) s.bias = *keep;
+  return s;
+}
+
+Tensor conv1d_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias, bool silu) {
+  Conv1dSetup s = setup_conv1d(x, weight, bias, silu);
+  Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  s.p.out = out.data_ptr();
+  compressm::cpu::conv1d_fwd(s.p);
+  return out;
+}
+
+// Returns dx, dweight, dbias (0-element without a bias).
+std::vector<Tensor> conv1d_bwd(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& dout,
+                               bool silu) {
+  Conv1dSetup s = setup_conv1d(x, weight, bias, silu);
+  auto& p = s.p;
+  p.dout = activation(dout, "dout", p.batch, p.dim, p.seqlen);
+  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dweight = at::empty({p.dim, p.width}, x.options().dtype(at::kFloat));
+  Tensor dbias = at::empty({bias.has_value() ? p.dim : 0}, x.options().dtype(at::kFloat));
+  p.dx = dx.data_ptr();
+  p.dweight = dweight.data_ptr<float>();
+  p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
+  compressm::cpu::conv1d_bwd(p);
+  return {dx, dweight, dbias};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -274,6 +324,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("ranks"), py::arg("kept"), py::arg("delta_softplus"), py::arg("chunk"),
         py::arg("carries"), py::arg("dout"), py::arg("dlast"));
+  m.def("conv1d_fwd", &conv1d_fwd, "causal depthwise conv1d (+ SiLU) forward -> out", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("silu"));
+  m.def("conv1d_bwd", &conv1d_bwd, "causal depthwise conv1d (+ SiLU) backward -> dx, dweight, dbias", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("dout"), py::arg("silu"));
   m.def("cpu_isa", &compressm::cpu::isa, "the loops the CPU kernels run: avx2+fma or baseline");
   m.def("state_update", &state_update, "one decode step, state updated in place -> out", py::arg("state"),
         py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),

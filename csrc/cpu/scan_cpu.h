@@ -74,6 +74,27 @@ struct StateUpdateParams {
 
 void state_update(const StateUpdateParams& p);
 
+// Mamba's short causal depthwise convolution, forward and backward (MATH.md §1's u = silu(conv(x))):
+//   pre[b, d, t] = bias[d] + Σ_k weight[d, k] · x[b, d, t - (W - 1) + k]   (x = 0 before t = 0)
+//   out = silu(pre) with `silu`, else pre.
+// x, dout (Bt, D, L) strides (batch, channel), unit along L; weight (D, W) and bias (D,) contiguous fp32.
+struct Conv1dParams {
+  int batch = 0, dim = 0, seqlen = 0, width = 0;
+  bool silu = false;
+  int num_threads = 1;
+  Operand x;
+  const float* weight = nullptr;
+  const float* bias = nullptr;  // optional
+  void* out = nullptr;          // forward: (Bt, D, L) contiguous, x's dtype
+  Operand dout;                 // backward
+  void* dx = nullptr;           // (Bt, D, L) contiguous, x's dtype
+  float* dweight = nullptr;     // (D, W)
+  float* dbias = nullptr;       // (D,), when bias is given
+};
+
+void conv1d_fwd(const Conv1dParams& p);
+void conv1d_bwd(const Conv1dParams& p);
+
 // The loops the kernels run: "avx2+fma" or "baseline" (x86-64 without them, or COMPRESSM_CPU_BASELINE set).
 const char* isa();
 

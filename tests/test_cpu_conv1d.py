@@ -1,0 +1,122 @@
+"""The C++ CPU causal conv1d: outputs and every gradient against the float64 PyTorch reference, strided and
+low-precision inputs, the dispatch in ``causal_conv1d``, and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressm_kernels.ops import conv1d_cpu
+from compressm_kernels.ops.conv1d import causal_conv1d, causal_conv1d_torch
+from compressm_kernels.ops.selective_scan import cpu
+from scan_cases import assert_close
+
+pytestmark = pytest.mark.skipif(cpu.load_extension("_C")[0] is None, reason="compressm_kernels._C is not built")
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _inputs(batch, dim, seqlen, width, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xz = torch.randn(batch, 2 * dim, seqlen, generator=gen)  # x is its first half: strided along D
+    weight = torch.randn(dim, width, generator=gen) / width
+    bias = torch.randn(dim, generator=gen)
+    dout = torch.randn(batch, dim, seqlen, generator=gen)
+    return xz, weight, bias, dout
+
+
+def _grads(fn, x, weight, bias, dout):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
+    x_, w_ = leaves[0], leaves[1]
+    b_ = leaves[2] if bias is not None else None
+    out = fn(x_, w_, b_)
+    return out, torch.autograd.grad(out, leaves, dout)
+
+
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(("batch", "dim", "seqlen", "width"),
+                         [(2, 5, 37, 4), (1, 3, 1, 4), (2, 4, 3, 4), (1, 6, 600, 3), (3, 2, 17, 2), (1, 4, 9, 6)],
+                         ids=str)
+def test_matches_float64_reference(batch, dim, seqlen, width, with_bias, silu) -> None:
+    xz, weight, bias, dout = _inputs(batch, dim, seqlen, width)
+    x = xz[:, :dim]  # a view: unit stride along L, channel stride 2·D·L... per batch
+    bias = bias if with_bias else None
+    act = "silu" if silu else None
+    got, got_grads = _grads(lambda a, w, b: conv1d_cpu.causal_conv1d_cpu(a, w, b, silu), x, weight, bias, dout)
+    want, want_grads = _grads(lambda a, w, b: causal_conv1d_torch(a, w, b, act), x.double(), weight.double(),
+                              None if bias is None else bias.double(), dout.double())
+    assert got.dtype == F32 and got.is_contiguous()
+    assert_close(got, want, F32, "out")
+    for name, g, w in zip(("dx", "dweight", "dbias"), got_grads, want_grads):
+        assert g.dtype == F32
+        assert_close(g, w, F32, name)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_low_precision_activations(dtype) -> None:
+    """fp16/bf16 x: fp32 math inside, output and dx in x's dtype, weight/bias gradients fp32."""
+    xz, weight, bias, dout = _inputs(2, 4, 41, 4, seed=1)
+    x = xz[:, :4].to(dtype)
+    got, (dx, dw, db) = _grads(lambda a, w, b: conv1d_cpu.causal_conv1d_cpu(a, w, b, True), x, weight, bias,
+                               dout.to(dtype))
+    want, want_grads = _grads(lambda a, w, b: causal_conv1d_torch(a, w, b, "silu"), x.double(), weight.double(),
+                              bias.double(), dout.to(dtype).double())
+    assert got.dtype == dtype and dx.dtype == dtype and dw.dtype == F32 and db.dtype == F32
+    assert_close(got, want, dtype, "out")
+    for name, g, w in zip(("dx", "dweight", "dbias"), (dx, dw, db), want_grads):
+        assert_close(g, w, dtype, name)
+
+
+def test_dispatch_and_inputs_untouched() -> None:
+    """``causal_conv1d`` takes the C++ kernel for CPU fp32 inputs (custom op in the graph), the reference for
+    float64; neither writes its inputs; a non-unit-stride x (a transposed view) gives the same result."""
+    xz, weight, bias, dout = _inputs(2, 5, 23, 4, seed=2)
+    x = xz[:, :5]
+    before = [t.clone() for t in (xz, weight, bias)]
+    out = causal_conv1d(x.requires_grad_(False), weight, bias, activation="silu")
+    assert_close(out, causal_conv1d_torch(x.double(), weight.double(), bias.double(), "silu"), F32, "dispatch")
+    for t, b in zip((xz, weight, bias), before):
+        assert torch.equal(t, b)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda a, w, b: causal_conv1d(a, w, b, activation="silu"))(x, weight, bias)
+    assert any("causal_conv1d_fwd_cpu" in str(n.target) for n in graph.graph.nodes)
+    strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, L stride D
+    assert strided.stride(-1) != 1
+    assert torch.equal(causal_conv1d(strided, weight, bias, activation="silu"), out)
+    assert causal_conv1d(x.double(), weight.double(), bias.double(), "silu").dtype == torch.float64
+
+
+def test_thread_count_does_not_change_results() -> None:
+    xz, weight, bias, dout = _inputs(3, 64, 700, 4, seed=3)
+    x = xz[:, :64]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_grads(lambda a, w, b: conv1d_cpu.causal_conv1d_cpu(a, w, b, True), x, weight, bias, dout))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, g1), (out2, g2) = results
+    assert torch.equal(out1, out2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_name_the_argument() -> None:
+    xz, weight, bias, _ = _inputs(2, 4, 8, 4)
+    x = xz[:, :4]
+    with pytest.raises(ValueError, match="weight must have shape"):
+        causal_conv1d(x, weight[:3], bias)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        causal_conv1d(x, weight, bias[:3])
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(x, weight, bias, activation="relu")
+    ext = cpu.load_extension("_C")[0]
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ext.conv1d_fwd(x, weight[:, None], bias, True)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        ext.conv1d_fwd(x.to(torch.int32), weight, bias, True)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        ext.conv1d_bwd(x, weight, bias, torch.zeros(2, 4, 7), True)
