@@ -48,7 +48,8 @@ def test_matches_float64_reference(batch, dim, seqlen, width, with_bias, silu) -
                               None if bias is None else bias.double(), dout.double())
     assert got.dtype == F32 and got.is_contiguous()
     assert_close(got, want, F32, "out")
-    for name, g, w in zip(("dx", "dweight", "dbias"), got_grads, want_grads):
+    names = ("dx", "dweight", "dbias")[:len(want_grads)]
+    for name, g, w in zip(names, got_grads, want_grads, strict=True):
         assert g.dtype == F32
         assert_close(g, w, F32, name)
 
@@ -64,7 +65,7 @@ def test_low_precision_activations(dtype) -> None:
                               bias.double(), dout.to(dtype).double())
     assert got.dtype == dtype and dx.dtype == dtype and dw.dtype == F32 and db.dtype == F32
     assert_close(got, want, dtype, "out")
-    for name, g, w in zip(("dx", "dweight", "dbias"), (dx, dw, db), want_grads):
+    for name, g, w in zip(("dx", "dweight", "dbias"), (dx, dw, db), want_grads, strict=True):
         assert_close(g, w, dtype, name)
 
 
@@ -73,10 +74,13 @@ def test_dispatch_and_inputs_untouched() -> None:
     float64; neither writes its inputs; a non-unit-stride x (a transposed view) gives the same result."""
     xz, weight, bias, dout = _inputs(2, 5, 23, 4, seed=2)
     x = xz[:, :5]
-    before = [t.clone() for t in (xz, weight, bias)]
-    out = causal_conv1d(x.requires_grad_(False), weight, bias, activation="silu")
-    assert_close(out, causal_conv1d_torch(x.double(), weight.double(), bias.double(), "silu"), F32, "dispatch")
-    for t, b in zip((xz, weight, bias), before):
+    before = [t.clone() for t in (xz, weight, bias, dout)]
+    out, grads = _grads(lambda a, w, b: causal_conv1d(a, w, b, activation="silu"), x, weight, bias, dout)
+    want, want_grads = _grads(lambda a, w, b: causal_conv1d_torch(a, w, b, "silu"), x.double(), weight.double(),
+                              bias.double(), dout.double())
+    assert_close(out, want, F32, "dispatch")
+    assert_close(grads[0], want_grads[0], F32, "dispatch dx")
+    for t, b in zip((xz, weight, bias, dout), before, strict=True):
         assert torch.equal(t, b)
     graph = torch.fx.experimental.proxy_tensor.make_fx(
         lambda a, w, b: causal_conv1d(a, w, b, activation="silu"))(x, weight, bias)
@@ -100,7 +104,7 @@ def test_thread_count_does_not_change_results() -> None:
         torch.set_num_threads(threads)
     (out1, g1), (out2, g2) = results
     assert torch.equal(out1, out2)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert torch.equal(a, b)
 
 
