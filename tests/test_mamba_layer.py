@@ -57,6 +57,22 @@ def test_fused_path_equals_unfused_path() -> None:
         assert_close(fused[k], unfused[k], F32, k)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_proj_layout_is_the_linear_transposed(bias: bool) -> None:
+    """The forward's in_proj output: the values (and gradients) of ``in_proj(x).transpose(1, 2)``, but unit-stride
+    along L, so the conv and the scan read x and z in place."""
+    layer, x = make_layer(bias=bias), inputs()
+    got = layer._in_proj_channels_first(x)
+    want = layer.in_proj(x).transpose(1, 2)
+    assert got.stride(-1) == 1 and want.stride(-1) != 1
+    assert_close(got, want, F32, "xz")
+    weight = torch.linspace(-1, 1, got.numel()).view_as(got)
+    params = list(layer.in_proj.parameters())
+    for a, b, name in zip(torch.autograd.grad((got * weight).sum(), params),
+                          torch.autograd.grad((want * weight).sum(), params), ("weight", "bias"), strict=False):
+        assert_close(a, b, F32, f"d in_proj.{name}")
+
+
 def test_checkpoint_levels_agree() -> None:
     layer, x = make_layer(), inputs()
     xz = layer.in_proj(x).transpose(1, 2).detach().requires_grad_(True)
