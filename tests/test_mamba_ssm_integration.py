@@ -105,6 +105,29 @@ def test_fwd_chunk_carries_and_bwd_contract(small_chunks) -> None:
     assert len(res) == 7 and res[5] is None and res[6] is None
 
 
+@pytest.mark.parametrize("initial_states", [False, True], ids=["C++ conv", "torch conv with initial states"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_route_matches_its_reference(activation: str | None, initial_states: bool) -> None:
+    """causal_conv1d_fn through our causal_conv1d_cuda (the C++ conv, or PyTorch with initial states) ==
+    causal_conv1d's own PyTorch reference, output and every gradient."""
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn, causal_conv1d_ref
+
+    gen = torch.Generator().manual_seed(7)
+    xz = torch.randn(2, 10, 19, generator=gen)
+    leaves = {"x": xz[:, :5].detach().requires_grad_(True),  # strided along D, as mamba_ssm's x
+              "weight": torch.randn(5, 4, generator=gen).requires_grad_(True),
+              "bias": torch.randn(5, generator=gen).requires_grad_(True)}
+    if initial_states:
+        leaves["initial_states"] = torch.randn(2, 3, 5, generator=gen).transpose(1, 2).requires_grad_(True)
+    dout = torch.randn(2, 5, 19, generator=gen)
+    results = []
+    for fn in (causal_conv1d_fn, causal_conv1d_ref):
+        out = fn(**leaves, activation=activation)
+        results.append((out, *torch.autograd.grad(out, list(leaves.values()), dout)))
+    for name, got, want in zip(["out", *leaves], *results, strict=True):
+        assert_close(got, want, F32, name)
+
+
 def test_layer_norm_route_matches_mamba_reference() -> None:
     gen = torch.Generator().manual_seed(0)
     x, res = torch.randn(3, 5, 8, generator=gen), torch.randn(3, 5, 8, generator=gen)

@@ -11,8 +11,8 @@ Call :func:`install` once, before importing mamba_ssm::
 * ``selective_scan_cuda``: ``fwd``/``bwd`` with mamba_ssm's contract (MATH.md §3), computed by
   :func:`compressm_kernels.selective_scan_fn` (our CPU kernel on CPU, our CUDA/Triton kernels on GPU);
 * ``causal_conv1d_cuda`` (if the causal_conv1d package is installed without its extension): its
-  ``causal_conv1d_fwd/bwd/update`` in PyTorch, so causal_conv1d imports and mamba_ssm's fused
-  ``mamba_inner_fn`` path runs;
+  ``causal_conv1d_fwd/bwd/update`` (our C++ conv on CPU, PyTorch with initial/final states or elsewhere),
+  so causal_conv1d imports and mamba_ssm's fused ``mamba_inner_fn`` path runs;
 
 and, for CPU tensors only (CUDA tensors keep mamba_ssm's Triton kernels), routes mamba_ssm's Triton
 ``selective_state_update`` to :func:`compressm_kernels.selective_state_update` and its Triton
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import conv1d_cpu
 from ..ops.conv1d import causal_conv1d_torch, causal_conv1d_update_torch
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.state_update import selective_state_update as _our_state_update
@@ -143,13 +144,25 @@ def _no(name: str, value: object, fn: str) -> None:
                                   "supported")
 
 
+def _cpu_conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, *absent: Tensor | None):
+    """``(x, weight, bias)`` as our C++ conv takes them, or ``None`` where it cannot run these inputs (initial
+    or final states, which it does not model; other devices; float64)."""
+    if any(t is not None for t in absent) or conv1d_cpu.unavailable_reason(x, weight, bias) is not None:
+        return None
+    return (x if x.stride(-1) == 1 else x.contiguous(), weight.float(), None if bias is None else bias.float())
+
+
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
                       initial_states: Tensor | None, out: Tensor, final_states_out: Tensor | None,
                       silu_activation: bool) -> None:
     """causal-conv1d's ``causal_conv1d_fwd``: writes ``out`` (and ``final_states_out``) in place."""
     _no("seq_idx", seq_idx, "causal_conv1d_fwd")
     act = "silu" if silu_activation else None
-    out.copy_(causal_conv1d_torch(x, weight, bias, act, initial_states))
+    cpu_args = _cpu_conv_args(x, weight, bias, initial_states)
+    if cpu_args is not None:
+        out.copy_(conv1d_cpu.causal_conv1d_fwd_cpu(*cpu_args, silu_activation))
+    else:
+        out.copy_(causal_conv1d_torch(x, weight, bias, act, initial_states))
     if final_states_out is not None:
         width = weight.shape[1]
         prev = x.new_zeros(*x.shape[:2], width - 1) if initial_states is None else initial_states.to(x.dtype)
@@ -161,8 +174,18 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tens
                       dbias: Tensor | None, dinitial_states: Tensor | None, silu_activation: bool) -> None:
     """causal-conv1d's ``causal_conv1d_bwd``: writes ``dx``, ``dweight``, ``dbias``, ``dinitial_states``.
 
-    Written out by hand: it runs inside a ``torch.library`` op, where autograd does not record."""
+    Written out by hand (or our C++ backward, without initial or final states): it runs inside a
+    ``torch.library`` op, where autograd does not record."""
     _no("seq_idx", seq_idx, "causal_conv1d_bwd")
+    cpu_args = _cpu_conv_args(x, weight, bias, initial_states, dfinal_states, dinitial_states)
+    if cpu_args is not None:
+        grads = conv1d_cpu.causal_conv1d_bwd_cpu(*cpu_args, dout if dout.stride(-1) == 1 else dout.contiguous(),
+                                                 silu_activation)
+        dx.copy_(grads[0])
+        dweight.copy_(grads[1])
+        if dbias is not None:
+            dbias.copy_(grads[2])
+        return
     width, seqlen = weight.shape[1], x.shape[-1]
     prev = x.new_zeros(*x.shape[:2], width - 1) if initial_states is None else initial_states.to(x.dtype)
     xpad = torch.cat([prev, x], dim=-1).float()  # (Bt, D, W - 1 + L)
