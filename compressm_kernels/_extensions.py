@@ -36,3 +36,11 @@ def load_extension(name: str) -> tuple[ModuleType | None, str | None]:
         return importlib.import_module(f"{__package__}.{name}"), None
     except ImportError as err:
         return None, f"the compiled extension compressm_kernels.{name} is not available ({err}); {REBUILD}"
+
+
+@torch.compiler.assume_constant_result
+def extension_unavailable_reason(name: str) -> str | None:
+    """``load_extension(name)``'s reason alone (``None`` when it loads), for the availability checks on paths
+    torch.compile traces: it calls this once and keeps the result rather than tracing into importlib, which
+    would break the graph."""
+    return load_extension(name)[1]

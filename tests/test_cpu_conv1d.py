@@ -91,6 +91,25 @@ def test_dispatch_and_inputs_untouched() -> None:
     assert causal_conv1d(x.double(), weight.double(), bias.double(), "silu").dtype == torch.float64
 
 
+def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks() -> None:
+    xz, weight, bias, dout = _inputs(2, 3, 11, 4, seed=4)
+    x = xz[:, :3]
+    torch.library.opcheck(conv1d_cpu.causal_conv1d_fwd_cpu, (x, weight, bias, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(conv1d_cpu.causal_conv1d_bwd_cpu, (x, weight, None, dout, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def loss(a, w, b):
+        return (causal_conv1d(a, w, b, activation="silu") * dout).sum()
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 def test_thread_count_does_not_change_results() -> None:
     xz, weight, bias, dout = _inputs(3, 64, 700, 4, seed=3)
     x = xz[:, :64]

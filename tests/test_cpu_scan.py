@@ -242,13 +242,13 @@ def test_cpu_isa_follows_the_baseline_switch() -> None:
 
 def test_baseline_loops_pass_the_cpu_kernel_tests() -> None:
     # A wheel runs the baseline x86-64 loops on CPUs without AVX2+FMA. Where those exist, COMPRESSM_CPU_BASELINE
-    # forces the baseline loops (the choice is made once per process): this file and the decode step's tests run
-    # again that way in a child process, which also checks that the switch took.
+    # forces the baseline loops (the choice is made once per process): this file, the decode step's and the conv's
+    # tests run again that way in a child process, which also checks that the switch took.
     if os.environ.get("COMPRESSM_CPU_BASELINE"):
         pytest.skip("this process already runs the baseline loops")
     tests = Path(__file__).parent
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_cpu_scan.py"),
-         str(tests / "test_cpu_state_update.py")],
+         str(tests / "test_cpu_state_update.py"), str(tests / "test_cpu_conv1d.py")],
         env={**os.environ, "COMPRESSM_CPU_BASELINE": "1"}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

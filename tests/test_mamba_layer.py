@@ -301,3 +301,32 @@ def test_reduce_state_alone_keeps_training_with_last_loss_alive() -> None:
     opt.step()
     assert [id(p) for p in layer.parameters()] == params_before
     assert layer.A_log.grad.shape == (layer.A_log.shape[0], 3)
+
+
+def test_layer_compiles_without_graph_breaks_on_cpu() -> None:
+    """torch.compile(fullgraph=True) traces the CPU layer through our custom ops (conv and scan kernels, whose
+    availability checks and backend choice must not reach importlib or logging) with eager's results."""
+    from compressm_kernels.ops.selective_scan import cpu
+
+    if cpu.load_extension("_C")[0] is None:
+        pytest.skip("compressm_kernels._C is not built")
+    layer, x = make_layer(), inputs()
+    eager = out_and_grads(layer, x)
+    compiled = torch.compile(layer.forward, fullgraph=True, backend="aot_eager")
+    for p in layer.parameters():
+        p.grad = None
+    y = compiled(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    found = {"out": y.detach(), **{n: p.grad.clone() for n, p in layer.named_parameters()}}
+    for k in eager:
+        assert_close(found[k], eager[k], F32, k)
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops = set()
+
+    def record(gm, _):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch.compile(layer.forward, fullgraph=True, backend=aot_autograd(fw_compiler=record))(x)
+    assert {"compressm.causal_conv1d_fwd_cpu.default", "compressm.selective_scan_fwd_cpu.default"} <= ops, ops

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._extensions import load_extension
+from .._extensions import extension_unavailable_reason, load_extension
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -75,7 +75,7 @@ def unavailable_reason(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | 
         return "float64 weights: the C++ conv computes in float32"
     if x.numel() == 0:
         return "x is empty"
-    return load_extension("_C")[1]
+    return extension_unavailable_reason("_C")
 
 
 def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:

@@ -15,7 +15,7 @@ states only.
 import torch
 from torch import Tensor
 
-from ..._extensions import load_extension
+from ..._extensions import extension_unavailable_reason, load_extension
 from .inputs import ScanInputs
 from .masks import compact_scan_args, kept_states, mask_to_ranks
 
@@ -179,7 +179,7 @@ def unavailable_reason(x: ScanInputs) -> str | None:
     for t in x.tensors():
         if t.dtype == torch.float64:
             return "float64 inputs: the C++ CPU kernels compute in float32; use backend='reference'"
-    return load_extension("_C")[1]
+    return extension_unavailable_reason("_C")
 
 
 def scan(x: ScanInputs) -> tuple[Tensor, Tensor | None]:
@@ -215,7 +215,7 @@ def state_update_unavailable_reason(tensors: dict[str, Tensor | None]) -> str | 
         if t.dtype not in allowed:
             names = "/".join(str(d).replace("torch.", "") for d in allowed)
             return f"{name} is {str(t.dtype).replace('torch.', '')}; the C++ decode step takes {names}"
-    return load_extension("_C")[1]
+    return extension_unavailable_reason("_C")
 
 
 def try_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -223,8 +223,10 @@ def try_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     """The eager C++ decode step without a mask, or ``None`` if the extension is missing, torch.compile is
     tracing, or the kernel refuses the inputs. The kernel checks every shape, dtype and device before it
     writes the state, so a refusal has changed nothing; the caller then runs the full checks."""
+    if torch.compiler.is_compiling():
+        return None
     module = load_extension("_C")[0]
-    if module is None or torch.compiler.is_compiling():
+    if module is None:
         return None
     try:
         softplus = bool(dt_softplus)

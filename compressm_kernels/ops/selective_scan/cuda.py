@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._extensions import load_extension
+from ..._extensions import extension_unavailable_reason, load_extension
 from .inputs import ScanInputs
 from .masks import mask_to_ranks
 
@@ -40,7 +40,7 @@ def unavailable_reason(x: ScanInputs) -> str | None:
     """Why the CUDA kernels cannot run ``x`` (``None`` if they can)."""
     if x.device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, got tensors on {x.device}"
-    _, reason = load_extension("_C_cuda")
+    reason = extension_unavailable_reason("_C_cuda")
     if reason is not None:
         return reason
     if x.u.dtype not in KERNEL_DTYPES:

@@ -69,7 +69,7 @@ def resolve_backend(x: ScanInputs, backend: str = "auto") -> tuple[str, ModuleTy
         module, reason = _reason(name, x)
         if reason is None:
             key = (name, x.device.type)
-            if key not in _logged_choices:
+            if key not in _logged_choices and not torch.compiler.is_compiling():  # Logger calls break graphs
                 _logged_choices.add(key)
                 logger.info("selective_scan on %s uses the %r backend%s", x.device.type, name,
                             "".join(f"; {r}" for r in reasons))
