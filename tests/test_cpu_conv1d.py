@@ -1,5 +1,5 @@
 """The C++ CPU causal conv1d: outputs and every gradient against the float64 PyTorch reference, strided and
-low-precision inputs, the dispatch in ``causal_conv1d``, and bad inputs."""
+low-precision inputs, the dispatch in ``causal_conv1d``, bad inputs; its decode step against PyTorch's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from compressm_kernels.ops import conv1d_cpu
-from compressm_kernels.ops.conv1d import causal_conv1d, causal_conv1d_torch
+from compressm_kernels.ops.conv1d import (
+    causal_conv1d,
+    causal_conv1d_torch,
+    causal_conv1d_update,
+    causal_conv1d_update_torch,
+)
 from compressm_kernels.ops.selective_scan import cpu
 from scan_cases import assert_close
 
@@ -143,3 +148,52 @@ def test_bad_inputs_name_the_argument() -> None:
         ext.conv1d_fwd(x.to(torch.int32), weight, bias, True)
     with pytest.raises(ValueError, match="dout must have shape"):
         ext.conv1d_bwd(x, weight, bias, torch.zeros(2, 4, 7), True)
+
+
+@pytest.mark.parametrize(("width", "keep", "state_dtype", "silu", "with_bias"),
+                         [(4, 4, F32, True, True), (4, 3, F32, False, True), (3, 5, F32, True, False),
+                          (2, 1, BF16, True, True), (4, 4, BF16, False, False), (1, 2, F32, True, True)], ids=str)
+def test_decode_step_matches_the_torch_step(width, keep, state_dtype, silu, with_bias) -> None:
+    """Token by token: the C++ step's outputs and shifted conv_state == the PyTorch step's, and both == the
+    full causal conv over the sequence."""
+    gen = torch.Generator().manual_seed(5)
+    xz = torch.randn(2, 10, 9, generator=gen)  # x = xz[:, :5, t]: a strided (Bt, D) token
+    weight, bias = torch.randn(5, width, generator=gen), torch.randn(5, generator=gen) if with_bias else None
+    act = "silu" if silu else None
+    ours = torch.zeros(2, 5, keep, dtype=state_dtype)
+    theirs = ours.clone()
+    steps = []
+    with torch.no_grad():
+        for t in range(9):
+            x = xz[:, :5, t]
+            got = causal_conv1d_update(x, ours, weight, bias, act)
+            want = causal_conv1d_update_torch(x, theirs, weight, bias, act)
+            assert got.dtype == x.dtype and got.shape == x.shape
+            assert_close(got, want, F32, f"out {t}")
+            assert_close(ours, theirs, state_dtype, f"conv_state {t}")
+            steps.append(got)
+        full = causal_conv1d_torch(xz[:, :5].double(), weight.double(), None if bias is None else bias.double(), act)
+    if state_dtype == F32:
+        assert_close(torch.stack(steps, -1), full, F32, "steps == full conv")
+
+
+def test_decode_step_routes_and_bad_inputs() -> None:
+    """The step takes the C++ kernel without autograd, the PyTorch step when a gradient is needed; bad shapes
+    raise naming the argument and leave conv_state untouched."""
+    gen = torch.Generator().manual_seed(6)
+    x, weight, bias = torch.randn(2, 3, generator=gen), torch.randn(3, 4, generator=gen), torch.randn(3, generator=gen)
+    state = torch.randn(2, 3, 4, generator=gen)
+    assert conv1d_cpu.update_unavailable_reason(x, state, weight, bias) is None
+    assert "backward" in conv1d_cpu.update_unavailable_reason(x, state, weight.requires_grad_(True), bias)
+    weight = weight.detach()
+    before = state.clone()
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        causal_conv1d_update(x, state[:, :, :2], weight, bias, "silu")
+    with pytest.raises(ValueError, match="weight must have shape"):
+        causal_conv1d_update(x, state, weight[:2], bias, "silu")
+    ext = cpu.load_extension("_C")[0]
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        ext.conv1d_update(x, state[:1], weight, bias, True)
+    with pytest.raises(TypeError, match="conv_state must be float32"):
+        ext.conv1d_update(x, state.double(), weight, bias, True)
+    assert torch.equal(state, before)

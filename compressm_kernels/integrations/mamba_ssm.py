@@ -212,6 +212,12 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     """causal-conv1d's ``causal_conv1d_update``: ``x`` ``(Bt, D, T)``; shifts ``conv_state``, writes ``out``."""
     _no("cache_seqlens", cache_seqlens, "causal_conv1d_update")
     _no("conv_state_indices", conv_state_indices, "causal_conv1d_update")
+    token = x[..., 0] if x.dim() == 3 and x.shape[-1] == 1 else None
+    if token is not None and conv1d_cpu.update_unavailable_reason(token, conv_state, weight, bias) is None:
+        out.copy_(conv1d_cpu.causal_conv1d_update_step(token, conv_state, weight.float(),
+                                                       None if bias is None else bias.float(),
+                                                       silu_activation)[..., None])
+        return
     out.copy_(causal_conv1d_update_torch(x, conv_state, weight, bias, "silu" if silu_activation else None))
 
 

@@ -49,6 +49,18 @@ def _(x, weight, bias, dout, silu):
             weight.new_empty((weight.shape[0] if bias is not None else 0,), **f32)]
 
 
+@torch.library.custom_op("compressm::causal_conv1d_update_cpu", mutates_args=("conv_state",))
+def causal_conv1d_update_cpu(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
+                             silu: bool) -> Tensor:
+    """One decode step: ``conv_state`` ``(Bt, D, S)`` shifted in place, returns ``(Bt, D)`` in x's dtype."""
+    return _ext().conv1d_update(x, conv_state, weight, bias, silu)
+
+
+@causal_conv1d_update_cpu.register_fake
+def _(x, conv_state, weight, bias, silu):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 class CausalConv1dCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu):
@@ -76,6 +88,26 @@ def unavailable_reason(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | 
     if x.numel() == 0:
         return "x is empty"
     return extension_unavailable_reason("_C")
+
+
+def update_unavailable_reason(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
+    """Why the C++ decode step of the conv cannot run these (already shape-checked) inputs, ``None`` if it can."""
+    if x.dim() != 2:
+        return "the C++ conv step takes one token, x (Bt, D)"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, conv_state, weight, bias)):
+        return "the C++ conv step has no backward"
+    if conv_state.dtype not in _DTYPES:
+        return f"conv_state is {conv_state.dtype}; the C++ conv step takes float32/float16/bfloat16"
+    return unavailable_reason(x[..., None], weight, bias)
+
+
+def causal_conv1d_update_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
+                              silu: bool) -> Tensor:
+    """The C++ conv step on inputs :func:`update_unavailable_reason` accepts (fp32 weight and bias)."""
+    if torch.compiler.is_compiling():
+        return causal_conv1d_update_cpu(x, conv_state, weight, bias, silu)
+    # Eager: the extension directly; the custom-op wrapper costs more than the step (as the decode step's).
+    return _ext().conv1d_update(x, conv_state, weight, bias, silu)
 
 
 def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:

@@ -313,6 +313,36 @@ std::vector<Tensor> conv1d_bwd(const Tensor& x, const Tensor& weight, const OptT
   return {dx, dweight, dbias};
 }
 
+// One decode step of the conv: conv_state (Bt, D, S) updated in place; returns (Bt, D) in x's dtype.
+Tensor conv1d_update(const Tensor& x, const Tensor& conv_state, const Tensor& weight, const OptTensor& bias, bool silu) {
+  check_cpu(x, "x");
+  check_cpu(conv_state, "conv_state");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape (Bt, D), got ", shape_of(x));
+  const int64_t batch = x.size(0), dim = x.size(1);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == dim && weight.size(1) >= 1,
+                    "weight must have shape (D, W) with D=", dim, ", got ", shape_of(weight));
+  const int64_t width = weight.size(1);
+  TORCH_CHECK_VALUE(conv_state.dim() == 3 && conv_state.size(0) == batch && conv_state.size(1) == dim &&
+                        conv_state.size(2) >= width - 1,
+                    "conv_state must have shape (Bt, D, S >= W - 1) = (", batch, ", ", dim, ", >= ", width - 1,
+                    "), got ", shape_of(conv_state));
+  compressm::cpu::Conv1dUpdateParams p;
+  p.batch = batch, p.dim = dim, p.width = width, p.keep = conv_state.size(2);
+  p.silu = silu;
+  p.x = token(x, "x", batch, dim);
+  p.state = conv_state.data_ptr();
+  p.state_dtype = dtype_of(conv_state, "conv_state");
+  p.state_stride0 = conv_state.stride(0), p.state_stride1 = conv_state.stride(1), p.state_stride2 = conv_state.stride(2);
+  Tensor weight_c = param(weight, "weight", {dim, width});
+  p.weight = weight_c.data_ptr<float>();
+  OptTensor bias_c;
+  p.bias = opt_param(bias, "bias", {dim}, bias_c);
+  Tensor out = at::empty({batch, dim}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  p.out = out.data_ptr();
+  compressm::cpu::conv1d_update(p);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -328,6 +358,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("bias"), py::arg("silu"));
   m.def("conv1d_bwd", &conv1d_bwd, "causal depthwise conv1d (+ SiLU) backward -> dx, dweight, dbias", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("dout"), py::arg("silu"));
+  m.def("conv1d_update", &conv1d_update, "one decode step of the conv, conv_state shifted in place -> out",
+        py::arg("x"), py::arg("conv_state"), py::arg("weight"), py::arg("bias"), py::arg("silu"));
   m.def("cpu_isa", &compressm::cpu::isa, "the loops the CPU kernels run: avx2+fma or baseline");
   m.def("state_update", &state_update, "one decode step, state updated in place -> out", py::arg("state"),
         py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),

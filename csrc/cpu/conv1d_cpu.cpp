@@ -151,4 +151,35 @@ void conv1d_bwd(const Conv1dParams& p) {
   }
 }
 
+void conv1d_update(const Conv1dUpdateParams& p) {
+  // A few thousand channels of W taps each, a few microseconds: no OpenMP fork. Per batch row: the taps and the
+  // shift channel by channel (in place through fp32 pointers in the common layout), then the SiLU over the row
+  // in a loop vectorised across channels.
+  const int W = p.width, S = p.keep, D = p.dim;
+  const bool f32_rows = p.state_dtype == DType::f32 && p.state_stride2 == 1;
+  std::vector<float> x_buf(D), acc(D);
+  for (int b = 0; b < p.batch; ++b) {
+    const float* x = row_as_f32(p.x.data, p.x.dtype, b * p.x.stride0, p.x.stride1, D, x_buf.data());
+    for (int d = 0; d < D; ++d) {
+      const int64_t row = b * p.state_stride0 + d * p.state_stride1;
+      const float* w = p.weight + static_cast<int64_t>(d) * W;
+      float sum = (p.bias ? p.bias[d] : 0.0f) + w[W - 1] * x[d];
+      if (f32_rows) {
+        float* st = static_cast<float*>(p.state) + row;
+        for (int k = 0; k < W - 1; ++k) sum += w[k] * st[S - W + 1 + k];
+        for (int j = 0; j + 1 < S; ++j) st[j] = st[j + 1];
+        if (S > 0) st[S - 1] = x[d];
+      } else {
+        auto at = [&](int j) { return row + j * p.state_stride2; };
+        for (int k = 0; k < W - 1; ++k) sum += w[k] * load(p.state, at(S - W + 1 + k), p.state_dtype);
+        for (int j = 0; j + 1 < S; ++j) store(p.state, at(j), p.state_dtype, load(p.state, at(j + 1), p.state_dtype));
+        if (S > 0) store(p.state, at(S - 1), p.state_dtype, x[d]);
+      }
+      acc[d] = sum;
+    }
+    if (p.silu) silu_row({D, acc.data()});
+    store_row(p.out, static_cast<int64_t>(b) * D, p.x.dtype, D, acc.data());
+  }
+}
+
 }  // namespace compressm::cpu

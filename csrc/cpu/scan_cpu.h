@@ -95,6 +95,23 @@ struct Conv1dParams {
 void conv1d_fwd(const Conv1dParams& p);
 void conv1d_bwd(const Conv1dParams& p);
 
+// One decode step of that conv: out[b, d] = act(bias[d] + Σ_{k < W-1} weight[d, k] · state[b, d, S-W+1+k] +
+// weight[d, W-1] · x[b, d]); then state[b, d, :] shifts left by one with x[b, d] appended (S ≥ W - 1 inputs kept).
+// x (Bt, D) strides (batch, channel); state (Bt, D, S) strides state_stride0/1/2, its own dtype.
+struct Conv1dUpdateParams {
+  int batch = 0, dim = 0, width = 0, keep = 0;  // keep = S
+  bool silu = false;
+  Operand x;
+  void* state = nullptr;
+  DType state_dtype = DType::f32;
+  int64_t state_stride0 = 0, state_stride1 = 0, state_stride2 = 1;
+  const float* weight = nullptr;  // (D, W) contiguous fp32
+  const float* bias = nullptr;    // optional (D,)
+  void* out = nullptr;            // (Bt, D) contiguous, x's dtype
+};
+
+void conv1d_update(const Conv1dUpdateParams& p);
+
 // The loops the kernels run: "avx2+fma" or "baseline" (x86-64 without them, or COMPRESSM_CPU_BASELINE set).
 const char* isa();
 
