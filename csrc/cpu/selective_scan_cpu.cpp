@@ -225,10 +225,8 @@ COMPRESSM_ALWAYS_INLINE void discretize_steps_impl(const DiscretizeArgs& a) {
   float* __restrict grad = a.grad;
   float* __restrict delta_u = a.delta_u;
   const float* __restrict u = a.u;
-  if (a.softplus && grad) {
-    for (int t = 0; t < a.T; ++t) delta[t] = softplus_and_grad_f32(raw[t] + a.bias, grad[t]);
-  } else if (a.softplus) {
-    for (int t = 0; t < a.T; ++t) delta[t] = softplus_f32(raw[t] + a.bias);
+  if (a.softplus) {
+    softplus_row(a.T, raw, a.bias, delta, grad);
   } else {
     for (int t = 0; t < a.T; ++t) delta[t] = raw[t] + a.bias;
     if (grad) std::fill_n(grad, a.T, 1.0f);

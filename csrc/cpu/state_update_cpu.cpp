@@ -172,23 +172,24 @@ COMPRESSM_ALWAYS_INLINE void channels_gathered(const BlockArgs& a, const float* 
 COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
   const StateUpdateParams& p = *a.p;
   const int b = a.b, d0 = a.d0, n = a.n;
-  alignas(64) float x_buf[kBlock], delta[kBlock], delta_x[kBlock], gate[kBlock], y_buf[kBlock];
+  alignas(64) float x_buf[kBlock], dt_buf[kBlock], softplus_buf[kBlock], delta_x[kBlock], gate[kBlock], y_buf[kBlock];
   v8f lanes[kBlock];  // per channel, C·h folded to eight lanes
 
   // Per-channel scalars, vectorised across the block's channels.
   const float* x = token_row(p.x, b, d0, n, x_buf);
-  const float* dt = token_row(p.dt, b, d0, n, delta);  // delta[i] below reads dt[i] first
+  const float* dt = token_row(p.dt, b, d0, n, dt_buf);
   if (p.z.data) {
     const float* z = token_row(p.z, b, d0, n, gate);
     for (int i = 0; i < n; ++i) gate[i] = silu_f32(z[i]);
   }
   if (p.dt_bias) {
-    for (int i = 0; i < n; ++i) delta[i] = dt[i] + p.dt_bias[d0 + i];
-  } else {
-    for (int i = 0; i < n; ++i) delta[i] = dt[i];
+    for (int i = 0; i < n; ++i) dt_buf[i] = dt[i] + p.dt_bias[d0 + i];
+    dt = dt_buf;
   }
+  const float* delta = dt;  // Δ = softplus(dt + bias) or dt + bias
   if (p.dt_softplus) {
-    for (int i = 0; i < n; ++i) delta[i] = softplus_f32(delta[i]);
+    softplus_row(n, dt, 0.0f, softplus_buf, nullptr);
+    delta = softplus_buf;
   }
   for (int i = 0; i < n; ++i) delta_x[i] = delta[i] * x[i];
 

@@ -148,19 +148,14 @@ COMPRESSM_HOST_DEVICE float softplus_f32(float x) {
 // d softplus / dx = sigmoid(x) (exactly 1 above the threshold, as torch's backward).
 COMPRESSM_HOST_DEVICE float softplus_grad_f32(float x) { return x > 20.0f ? 1.0f : sigmoid_f32(x); }
 
-// softplus(x), and its derivative into `grad`, for the backward. On the host from one exp: sigmoid(x) is
-// 1 / (1 + t) for x >= 0 and t / (1 + t) below, t = e^-|x| as softplus_given_exp takes it.
-COMPRESSM_HOST_DEVICE float softplus_and_grad_f32(float x, float& grad) {
-#if defined(__CUDA_ARCH__)
-  grad = softplus_grad_f32(x);
-  return softplus_f32(x);
-#else
-  const float t = exp_f32(-fabsf(x));
+#if !defined(__CUDA_ARCH__)
+// d softplus / dx on the host given t = e^-|x| (as softplus_given_exp takes it): sigmoid(x) is 1 / (1 + t) for
+// x >= 0 and t / (1 + t) below; exactly 1 above the threshold, as torch's backward.
+__attribute__((always_inline)) inline float softplus_grad_given_exp(float x, float t) {
   const float inv = 1.0f / (1.0f + t);
-  grad = x > 20.0f ? 1.0f : (x >= 0.0f ? inv : t * inv);
-  return softplus_given_exp(x, t);
-#endif
+  return x > 20.0f ? 1.0f : (x >= 0.0f ? inv : t * inv);
 }
+#endif
 
 COMPRESSM_HOST_DEVICE float silu_f32(float x) { return x * sigmoid_f32(x); }
 
