@@ -38,6 +38,15 @@ def load_extension(name: str) -> tuple[ModuleType | None, str | None]:
         return None, f"the compiled extension compressm_kernels.{name} is not available ({err}); {REBUILD}"
 
 
+def require_extension(name: str) -> ModuleType:
+    """``compressm_kernels.<name>``, or ``RuntimeError`` with the reason and the fix (the backends' call-time
+    failure)."""
+    module, reason = load_extension(name)
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
 @torch.compiler.assume_constant_result
 def extension_unavailable_reason(name: str) -> str | None:
     """``load_extension(name)``'s reason alone (``None`` when it loads), for the availability checks on paths

@@ -13,16 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._extensions import extension_unavailable_reason, load_extension
+from .._extensions import extension_unavailable_reason, require_extension
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _ext():
-    module, reason = load_extension("_C")
-    if module is None:
-        raise RuntimeError(reason)
-    return module
+    return require_extension("_C")
 
 
 @torch.library.custom_op("compressm::causal_conv1d_fwd_cpu", mutates_args=())

@@ -15,7 +15,7 @@ states only.
 import torch
 from torch import Tensor
 
-from ..._extensions import extension_unavailable_reason, load_extension
+from ..._extensions import extension_unavailable_reason, load_extension, require_extension
 from .inputs import ScanInputs
 from .masks import compact_scan_args, kept_states, mask_to_ranks
 
@@ -27,10 +27,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _ext():
-    module, reason = load_extension("_C")
-    if module is None:
-        raise RuntimeError(reason)
-    return module
+    return require_extension("_C")
 
 
 def chunk_size(dstate: int) -> int:

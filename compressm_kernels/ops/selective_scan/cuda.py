@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._extensions import extension_unavailable_reason, load_extension
+from ..._extensions import extension_unavailable_reason, require_extension
 from .inputs import ScanInputs
 from .masks import mask_to_ranks
 
@@ -30,10 +30,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _extension():
-    module, reason = load_extension("_C_cuda")
-    if module is None:
-        raise RuntimeError(reason)
-    return module
+    return require_extension("_C_cuda")
 
 
 def unavailable_reason(x: ScanInputs) -> str | None:
