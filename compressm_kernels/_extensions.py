@@ -47,9 +47,14 @@ def require_extension(name: str) -> ModuleType:
     return module
 
 
-@torch.compiler.assume_constant_result
+_reasons: dict[str, str | None] = {}
+
+
 def extension_unavailable_reason(name: str) -> str | None:
-    """``load_extension(name)``'s reason alone (``None`` when it loads), for the availability checks on paths
-    torch.compile traces: it calls this once and keeps the result rather than tracing into importlib, which
-    would break the graph."""
-    return load_extension(name)[1]
+    """``load_extension(name)``'s reason alone (``None`` when it loads). The first call loads the extension; later
+    ones read a plain dict, which torch.compile traces as a constant where it could not trace the import (a graph
+    break). The backend modules make that first call when they are imported (a millisecond), so a model compiled
+    before any eager call sees it too."""
+    if name not in _reasons:
+        _reasons[name] = load_extension(name)[1]
+    return _reasons[name]

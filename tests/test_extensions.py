@@ -30,3 +30,17 @@ def test_built_extensions_record_the_running_torch() -> None:
     if built is None:
         pytest.skip("no compiled extension in this tree (built with COMPRESSM_NO_EXTENSIONS=1)")
     assert built == torch.__version__
+
+
+def test_import_stays_light() -> None:
+    """``import compressm_kernels`` loads the extensions (a millisecond) but not torch._dynamo (seconds): the
+    compile-friendly availability checks must not pull it in at import."""
+    import subprocess
+    import sys
+
+    code = "import sys, torch; before = 'torch._dynamo' in sys.modules; import compressm_kernels; " \
+           "print(before, 'torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = result.stdout.split()
+    assert after == before == "False", result.stdout

@@ -16,6 +16,7 @@ from torch import Tensor
 from .._extensions import extension_unavailable_reason, require_extension
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+extension_unavailable_reason("_C")  # load now: torch.compile then reads the result (_extensions)
 
 
 def _ext():

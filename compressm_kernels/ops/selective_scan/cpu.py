@@ -24,6 +24,7 @@ from .masks import compact_scan_args, kept_states, mask_to_ranks
 # steps (N = 8-64, L = 512), the forward the same.
 CHUNK = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+extension_unavailable_reason("_C")  # load now: torch.compile then reads the result (_extensions)
 
 
 def _ext():

@@ -23,6 +23,7 @@ from .masks import mask_to_ranks
 CHUNK_SIZE = 256
 MAX_BATCH = 65535  # the kernels put the batch on the grid's y axis
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+extension_unavailable_reason("_C_cuda")  # load now: torch.compile then reads the result (_extensions)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
