@@ -49,6 +49,9 @@ ref, ref_last = ck.selective_scan_ref(u, delta, A, B, C, z=z, delta_softplus=Tru
                                       state_mask=mask)
 torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+from compressm_kernels.ops.conv1d import causal_conv1d, causal_conv1d_torch  # the C++ conv is in the wheel
+w = torch.randn(8, 4)
+torch.testing.assert_close(causal_conv1d(u, w, None, "silu"), causal_conv1d_torch(u, w, None, "silu"))
 print("installed from", ck.__file__, "version", ck.__version__)
 PY
 )
