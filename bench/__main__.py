@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from . import block, decode, hankel, scan
+from . import block, conv, decode, hankel, scan
 
-SUITES = {"scan": scan, "decode": decode, "block": block, "hankel": hankel}
+SUITES = {"scan": scan, "decode": decode, "block": block, "conv": conv, "hankel": hankel}
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ SUITES = {
              "--rank", "2"],
     "decode": ["--dstates", "4,2", "--dim", "8", "--batch", "1", "--steps", "2"],
     "block": ["--d-model", "8", "--batch", "1", "--seqlen", "8", "--dstate", "8", "--cuts", "4"],
+    "conv": ["--dims", "8", "--batch", "1", "--seqlen", "8", "--width", "3"],
     "hankel": ["--dims", "4", "--dstates", "4", "--batch", "1", "--seqlen", "8", "--scipy-max-dim", "4"],
 }
 
@@ -49,6 +50,8 @@ def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.C
         assert {r["extra"]["variant"] for r in rows} == {"full", "compacted", "masked"}
     if suite == "decode":
         assert all(r["extra"]["tok/s"] > 0 for r in rows)
+    if suite == "conv":
+        assert {r["extra"]["op"] for r in rows} == {"fwd", "fwd+bwd", "decode step"}
 
 
 def test_ratios_are_to_the_group_baseline() -> None:

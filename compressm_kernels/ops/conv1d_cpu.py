@@ -4,8 +4,8 @@ Registered as ``torch.library`` custom ops (``compressm::causal_conv1d_fwd_cpu``
 implementations, paired by an ``autograd.Function``. The backward recomputes the pre-activation from ``x``
 instead of saving it. ``x`` is read in place when it is unit-stride along L (e.g. the x half of
 ``xz.chunk(2, dim=1)``); the output and ``dx`` are contiguous in x's dtype, the weight and bias gradients fp32.
-At Mamba's sizes it is about 5× faster forward+backward than ``F.conv1d`` on a padded copy followed by
-``F.silu`` (bench/README.md).
+At Mamba's sizes it is 3-5× faster forward+backward than ``F.conv1d`` on a padded copy followed by
+``F.silu``, its decode step 4-5× faster than PyTorch's (``python -m bench conv``).
 """
 
 from __future__ import annotations
