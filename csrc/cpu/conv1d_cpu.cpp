@@ -3,8 +3,6 @@
 // too short to vectorise across), in fp32 whatever x's dtype. The backward recomputes the pre-activation rather
 // than keeping it, and runs channel-major (each thread owns whole channels, batches inside) so the weight and
 // bias gradients need no reduction between threads and come out the same for any thread count.
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
 
