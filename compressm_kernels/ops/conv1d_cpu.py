@@ -5,8 +5,9 @@ implementations, paired by an ``autograd.Function``. The backward recomputes the
 instead of saving it. ``x`` is read in place when it is unit-stride along L (e.g. the x half of
 ``xz.chunk(2, dim=1)``); the output and ``dx`` are contiguous in x's dtype, the weight and bias gradients fp32.
 The one-token decode step (``compressm::causal_conv1d_update_cpu``, no autograd) shifts ``conv_state`` in place;
-in eager mode it calls the extension directly, the custom-op wrapper costing more than the step. At Mamba's sizes it is 3-5× faster forward+backward than ``F.conv1d`` on a padded copy followed by
-``F.silu``, its decode step 4-5× faster than PyTorch's (``python -m bench conv``).
+in eager mode it calls the extension directly, the custom-op wrapper costing more than the step. At Mamba's
+sizes the op is 3-5× faster forward+backward than ``F.conv1d`` on a padded copy followed by ``F.silu``, its
+decode step 4-5× faster than PyTorch's (``python -m bench conv``).
 """
 
 from __future__ import annotations
