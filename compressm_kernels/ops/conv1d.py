@@ -95,10 +95,7 @@ def causal_conv1d_update(
     if _cuda_conv_update is not None and x.is_cuda:
         return _cuda_conv_update(x, conv_state, weight, bias, activation)
     if conv1d_cpu.update_unavailable_reason(x, conv_state, weight, bias) is None:
-        _check(x[..., None], weight, bias, activation)
-        if conv_state.shape[:2] != x.shape or conv_state.shape[-1] < weight.shape[1] - 1:
-            raise ValueError(f"conv_state must have shape (Bt, D, S >= W - 1) = ({x.shape[0]}, {x.shape[1]}, "
-                             f">= {weight.shape[1] - 1}), got {tuple(conv_state.shape)}")
+        _check(x[..., None], weight, bias, activation)  # the kernel checks conv_state before it writes
         return conv1d_cpu.causal_conv1d_update_step(x, conv_state, weight.float(),
                                                     None if bias is None else bias.float(),
                                                     activation in ("silu", "swish"))
