@@ -26,6 +26,17 @@ CASES = [
     # awkward N at small D (L = 600 spans three chunks of cpu.CHUNK steps, the last one partial); states are padded
     # to whole 8-lane vectors, 1-4 of them held in registers, more through memory: every kernel size path, with padding
     *(Case(dim=4, seqlen=600, dstate=n) for n in (1, 2, 3, 4, 7, 9, 12, 13, 16, 20, 32, 33, 64)),
+    # N <= 4 packs 8 / w channels into a vector (w = N rounded up to a power of two): D not a multiple of the pack
+    # (the last one partial), two chunks with a ragged tail, every B/C form, groups holding whole packs, and groups
+    # that would split a pack (5 channels per group at w = 2: one channel per vector instead)
+    Case(dim=19, seqlen=300, dstate=1),
+    Case(dim=13, seqlen=77, dstate=2, b_form="invariant", c_form="variable"),
+    Case(dim=7, seqlen=70, dstate=3, b_form="variable", c_form="invariant", has_z=False),
+    Case(dim=16, seqlen=90, dstate=2, groups=2, b_form="grouped", c_form="grouped"),
+    Case(dim=8, seqlen=63, dstate=4, groups=4, b_form="grouped", c_form="variable"),
+    Case(dim=10, seqlen=63, dstate=2, groups=2, b_form="grouped", c_form="grouped"),
+    Case(dim=9, seqlen=63, dstate=1, b_form="invariant", c_form="invariant", dtype=BF16, **NO_FLAGS),
+    Case(dim=6, seqlen=200, dstate=3, dtype=F16),
     Case(batch=1, dim=3, seqlen=63, dstate=256),
     Case(dim=5, seqlen=1, dstate=12),
     Case(dim=5, seqlen=63, dstate=13, **NO_FLAGS),
@@ -116,14 +127,16 @@ def test_mask_matches_reference(case: Case, per_channel: bool) -> None:
             assert torch.all(got[name][..., unused, :] == 0), name
 
 
-@pytest.mark.parametrize("case", [Case(dim=4, seqlen=150, dstate=16),
-                                  Case(dim=4, seqlen=70, dstate=13, groups=2, b_form="grouped", c_form="invariant")],
-                         ids=str)
-def test_masked_equals_compacted(case: Case) -> None:
+@pytest.mark.parametrize(("case", "kept"), [
+    (Case(dim=4, seqlen=150, dstate=16), (0, 3, 4, 7, 11)),
+    (Case(dim=4, seqlen=70, dstate=13, groups=2, b_form="grouped", c_form="invariant"), (0, 3, 4, 7, 11)),
+    (Case(dim=11, seqlen=150, dstate=8), (2, 5, 6)),  # the compacted scan packs channels, the masked one cannot
+], ids=str)
+def test_masked_equals_compacted(case: Case, kept: tuple[int, ...]) -> None:
     """A shared mask, as (N,) and broadcast to (D, N) (the per-channel rank path), equals the scan of the
     compacted inputs; dropped states get exactly zero gradient."""
     mask = torch.zeros(case.dstate, dtype=torch.bool)
-    mask[torch.tensor([0, 3, 4, 7, 11])] = True
+    mask[torch.tensor(kept)] = True
     keep = mask.nonzero().flatten()
     inputs = make_inputs(case)
     small = _detached(inputs)
@@ -158,8 +171,9 @@ def test_gradients_exact_to_fp32_roundoff() -> None:
         assert err < 2e-6, f"{name}: relative error {err:.3g}"
 
 
-def test_gradient_through_last_state_only() -> None:
-    case = Case(dim=4, seqlen=100, dstate=12)
+@pytest.mark.parametrize("dstate", [12, 3], ids=str)
+def test_gradient_through_last_state_only(dstate: int) -> None:
+    case = Case(dim=5, seqlen=100, dstate=dstate)
     inputs = make_inputs(case)
     leaves = [inputs[k] for k in ("u", "delta", "A", "B", "D", "delta_bias")]  # C, z do not reach the last state
     cotangent = torch.randn(2, case.dim, case.dstate, generator=torch.Generator().manual_seed(4))

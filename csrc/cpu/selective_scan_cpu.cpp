@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "cpu_common.h"  // includes compressm/scan_recurrence.h after its diagnostic pragma
@@ -321,15 +322,18 @@ struct Rows {
   std::vector<float> data;
   int groups = 1;
   bool state_major = false;
+  int width = 8;  // step-major: lanes per channel; below NP, channels are packed (the states tiled NP / width times)
 };
 
-Rows variable_rows(const Operand& x, bool variable, int groups, const ScanParams& p) {
+// width: NP, or the states of a packed channel (pack_width).
+Rows variable_rows(const Operand& x, bool variable, int groups, int width, const ScanParams& p) {
   constexpr int kBlock = 64;  // steps per task: a (64, N) tile stays in cache while it is transposed
   Rows rows;
   if (!variable) return rows;
   const int N = p.dstate, L = p.seqlen, np = round8(N);
   rows.groups = groups;
   rows.state_major = p.kept != nullptr;
+  rows.width = width;
   if (rows.state_major) {
     rows.data.resize(static_cast<size_t>(p.batch) * groups * N * L);
     const int64_t tasks = static_cast<int64_t>(p.batch) * groups * N;
@@ -353,7 +357,10 @@ Rows variable_rows(const Operand& x, bool variable, int groups, const ScanParams
     const int64_t src = b * x.stride0 + g * x.stride1;
     for (int n = 0; n < N; ++n) {
       const int64_t row = src + n * x.stride2;
-      for (int t = t0; t < t1; ++t) dst[static_cast<int64_t>(t) * np + n] = load(x.data, row + t, x.dtype);
+      for (int t = t0; t < t1; ++t) {
+        const float v = load(x.data, row + t, x.dtype);
+        for (int lane = n; lane < np; lane += width) dst[static_cast<int64_t>(t) * np + lane] = v;
+      }
     }
   }
   return rows;
@@ -502,6 +509,7 @@ struct Channel {
   int64_t dense;        // offset of (b, d, 0) in the contiguous (Bt, D, L) outputs
   float D, bias;
 
+  Channel() = default;
   Channel(const ScanParams& p, int b_, int d_, Scratch& s) : b(b_), d(d_) {
     const int N = p.dstate;
     r = p.ranks ? p.ranks[d] : N;
@@ -670,6 +678,328 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
   if (p.ddelta_bias) p.ddelta_bias[d] += ddelta_bias;
 }
 
+// ------------------------------------------------------------------------------------ packed channels
+// A channel of N <= 4 states would fill only N lanes of its vector (the steps' work, not the states', sets the
+// cost: N = 1 ran as slowly as N = 8). Instead G = 8 / w consecutive channels of one batch share each vector,
+// w = N rounded up to a power of two: lane j holds channel j / w's state j % w. The per-step scalars (Δ, Δ·u,
+// u, dy) become (T, 8) lane rows, packed from the channels' step rows through transposes; B and C rows hold a
+// step's states tiled G times (Rows::width), so the channels still read them in place. Each channel's sums
+// over its states (y, dΔ, du) are folded out of the lanes afterwards, and its per-state results (h, dA) read
+// from them.
+
+// Packed steps of up to 8 rows: out[8·t + i] = rows[i / w][t] for t < T, eight steps at a time through a
+// transpose (w: states per channel, so each channel's value fills its w lanes).
+struct PackStepsArgs {
+  const float* const* rows;  // (G,) rows of T steps
+  int T, w;
+  float* out;                // (T, 8)
+};
+
+COMPRESSM_ALWAYS_INLINE void pack_steps_impl(const PackStepsArgs& a) {
+  const float* src[8];
+  for (int i = 0; i < 8; ++i) src[i] = a.rows[i / a.w];
+  const int T8 = a.T & ~7;
+  for (int t = 0; t < T8; t += 8) {
+    v8f v[8];
+    for (int i = 0; i < 8; ++i) v[i] = load8(src[i] + t);
+    transpose8(v);
+    for (int j = 0; j < 8; ++j) store8(a.out + 8 * (t + j), v[j]);
+  }
+  for (int t = T8; t < a.T; ++t) {
+    for (int i = 0; i < 8; ++i) a.out[8 * t + i] = src[i][t];
+  }
+}
+COMPRESSM_DISPATCH(pack_steps, PackStepsArgs)
+
+// The way back, summed per channel: rows[c][t] = Σ_{k < w} lanes[t][c·w + k] for the G = 8 / w channels.
+// lanes is zero-padded to a multiple of 8 steps first.
+struct FoldLanesArgs {
+  v8f* lanes;  // (T + 8,)
+  int T, w;
+  float* const* rows;  // (G,) rows of T steps
+};
+
+COMPRESSM_ALWAYS_INLINE void fold_lanes_impl(const FoldLanesArgs& a) {
+  for (int t = a.T; t % 8 != 0; ++t) a.lanes[t] = v8f{};
+  for (int t0 = 0; t0 < a.T; t0 += 8) {
+    v8f v[8];
+    for (int j = 0; j < 8; ++j) v[j] = a.lanes[t0 + j];
+    transpose8(v);  // v[i]: lane i over steps t0 .. t0 + 7
+    for (int c = 0; c * a.w < 8; ++c) {
+      v8f sum = v[c * a.w];
+      for (int k = 1; k < a.w; ++k) sum += v[c * a.w + k];
+      if (t0 + 8 <= a.T) {
+        store8(a.rows[c] + t0, sum);
+      } else {
+        for (int t = t0; t < a.T; ++t) a.rows[c][t] = sum[t - t0];
+      }
+    }
+  }
+}
+COMPRESSM_DISPATCH(fold_lanes, FoldLanesArgs)
+
+// forward_core over a pack: T steps of one vector, the per-step scalars loaded as lane rows. lanes[t] receives
+// C_t·h_t per lane; hist (T, 8), when given, every h_t.
+struct PackedForwardArgs {
+  int T;
+  const float* A;  // (8,) lanes
+  float* h;        // (8,) lanes, updated
+  const float* delta;    // (T, 8)
+  const float* delta_u;  // (T, 8)
+  const float* B;        // row t at B + t·ldb: (8,) lanes (ldb = 0: the pack's time-invariant lanes)
+  int64_t ldb;
+  const float* C;
+  int64_t ldc;
+  v8f* lanes;
+  float* hist;
+};
+
+template <bool kHist>
+COMPRESSM_ALWAYS_INLINE void packed_forward(const PackedForwardArgs& a) {
+  const v8f A = load8(a.A);
+  v8f h = load8(a.h);
+  for (int t = 0; t < a.T; ++t) {
+    h = forward_step(h, load8(a.delta + 8 * t), A, load8(a.delta_u + 8 * t), load8(a.B + t * a.ldb));
+    if (kHist) store8(a.hist + 8 * t, h);
+    a.lanes[t] = load8(a.C + t * a.ldc) * h;
+  }
+  store8(a.h, h);
+}
+COMPRESSM_ALWAYS_INLINE void packed_forward_core_impl(const PackedForwardArgs& a) { packed_forward<false>(a); }
+COMPRESSM_ALWAYS_INLINE void packed_forward_core_hist_impl(const PackedForwardArgs& a) { packed_forward<true>(a); }
+COMPRESSM_DISPATCH(packed_forward_core, PackedForwardArgs)
+COMPRESSM_DISPATCH(packed_forward_core_hist, PackedForwardArgs)
+
+// reverse_core over a pack (t = T-1 .. 0): carry and dA (8,) lanes updated, dB/dC rows (ld 0: accumulate over
+// t) accumulated, lanes_ddelta / lanes_du [t] receive dΔ_t and du_t per lane.
+struct PackedReverseArgs {
+  int T;
+  const float* A;
+  float* carry;
+  float* dA;
+  const float* delta;  // (T, 8) lane rows
+  const float* u;
+  const float* dy;
+  const float* B;
+  int64_t ldb;
+  const float* C;
+  int64_t ldc;
+  const float* h_in;  // (8,) h before the chunk
+  const float* hist;  // (T, 8) h_t
+  float* dB;
+  int64_t lddb;
+  float* dC;
+  int64_t lddc;
+  v8f* lanes_ddelta;
+  v8f* lanes_du;
+};
+
+COMPRESSM_ALWAYS_INLINE void packed_reverse_core_impl(const PackedReverseArgs& a) {
+  const v8f A = load8(a.A);
+  v8f carry = load8(a.carry), dA = load8(a.dA);
+  for (int t = a.T - 1; t >= 0; --t) {
+    const float* hp = t > 0 ? a.hist + 8 * (t - 1) : a.h_in;
+    const StepGradsOf<v8f> g =
+        reverse_step(carry, load8(a.dy + 8 * t), load8(a.delta + 8 * t), A, load8(a.u + 8 * t),
+                     load8(a.B + t * a.ldb), load8(a.C + t * a.ldc), load8(hp), load8(a.hist + 8 * t));
+    float* dBt = a.dB + t * a.lddb;
+    float* dCt = a.dC + t * a.lddc;
+    store8(dBt, load8(dBt) + g.dB);
+    store8(dCt, load8(dCt) + g.dC);
+    dA += g.dA;
+    carry = g.carry;
+    a.lanes_ddelta[t] = g.ddelta;
+    a.lanes_du[t] = g.du;
+  }
+  store8(a.carry, carry);
+  store8(a.dA, dA);
+}
+COMPRESSM_DISPATCH(packed_reverse_core, PackedReverseArgs)
+
+// States per channel in a packed vector (1, 2 or 4), or 0 where channels are not packed: with more than four
+// states, a per-channel mask (channels would differ in rank), or B/C groups a pack could straddle.
+int pack_width(const ScanParams& p) {
+  if (p.kept != nullptr || p.dstate > 4) return 0;
+  const int w = p.dstate == 1 ? 1 : p.dstate == 2 ? 2 : 4, G = 8 / w;
+  const auto straddles = [&](bool variable, int groups) {
+    return variable && groups > 1 && (p.dim / groups) % G != 0;
+  };
+  return straddles(p.b_variable, p.groups_b) || straddles(p.c_variable, p.groups_c) ? 0 : w;
+}
+
+// Per-thread memory of the packed path: each channel's Scratch (its step rows) and the pack's lane rows.
+struct PackScratch {
+  std::vector<Scratch> channels;                     // (G,)
+  std::vector<float> delta, delta_u, u, dy, hist;    // (chunk, 8)
+  std::vector<float> zeros, discard;                 // (chunk,): rows of the channels past D
+
+  PackScratch(int N, int chunk, int w, bool backward)
+      : channels(8 / w, Scratch(N, chunk, backward)), delta(8 * chunk), delta_u(8 * chunk), u(8 * chunk),
+        dy(8 * chunk), hist(8 * chunk), zeros(chunk), discard(chunk) {}
+};
+
+// The G channels of one batch from d0 (n of them within D): their Channels, and their parameters as lanes.
+struct Pack {
+  int w, G, n;
+  Channel ch[8];
+  alignas(32) float A[8] = {}, B_inv[8] = {}, C_inv[8] = {};
+
+  Pack(const ScanParams& p, int b, int d0, int w_, PackScratch& ps) : w(w_), G(8 / w_), n(std::min(G, p.dim - d0)) {
+    for (int c = 0; c < n; ++c) {
+      Scratch& s = ps.channels[c];
+      ch[c] = Channel(p, b, d0 + c, s);
+      for (int k = 0; k < p.dstate; ++k) {
+        A[c * w + k] = s.A[k], B_inv[c * w + k] = s.B_inv[k], C_inv[c * w + k] = s.C_inv[k];
+      }
+    }
+  }
+};
+
+// Δ and Δ·u (and dΔ/dδ) of the pack's channels for steps [t0, t0 + T), packed; u_rows receives each channel's u.
+void pack_load_steps(const ScanParams& p, const Pack& pk, int t0, int T, bool grad, PackScratch& ps,
+                     const float** u_rows) {
+  const float *delta[8], *delta_u[8];
+  for (int c = 0; c < pk.G; ++c) {
+    if (c < pk.n) {
+      Scratch& s = ps.channels[c];
+      u_rows[c] = load_steps(p, pk.ch[c], t0, T, grad, s);
+      delta[c] = s.delta.data(), delta_u[c] = s.delta_u.data();
+    } else {
+      u_rows[c] = delta[c] = delta_u[c] = ps.zeros.data();
+    }
+  }
+  pack_steps({delta, T, pk.w, ps.delta.data()});
+  pack_steps({delta_u, T, pk.w, ps.delta_u.data()});
+}
+
+// Row t0 of the pack's variable B (or C) rows, ld NP; or its time-invariant lanes, ld 0.
+ChannelRows pack_rows(const Rows& B, const Rows& C, const ScanParams& p, const Pack& pk, int b, int d0, int t0) {
+  auto base = [&](const Rows& rows) {
+    const int64_t bg = static_cast<int64_t>(b) * rows.groups + d0 / (p.dim / rows.groups);
+    return rows.data.data() + (bg * p.seqlen + t0) * 8;
+  };
+  return {p.b_variable ? base(B) : pk.B_inv, p.b_variable ? 8 : 0, p.c_variable ? base(C) : pk.C_inv,
+          p.c_variable ? 8 : 0};
+}
+
+void pack_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d0, int w, PackScratch& ps) {
+  const Pack pk(p, b, d0, w, ps);
+  const int N = p.dstate, n_chunks = p.n_chunks();
+  alignas(32) float h[8] = {};
+  v8f lanes[kMaxChunk + 8];
+  for (int c = 0; c < n_chunks; ++c) {
+    const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
+    const float* u[8];
+    pack_load_steps(p, pk, t0, T, false, ps, u);
+    const ChannelRows rows = pack_rows(B, C, p, pk, b, d0, t0);
+    packed_forward_core({T, pk.A, h, ps.delta.data(), ps.delta_u.data(), rows.B, rows.ldb, rows.C, rows.ldc,
+                         lanes, nullptr});
+    float* y[8];
+    for (int i = 0; i < pk.G; ++i) {
+      y[i] = i < pk.n ? steps_out(p.out, p.u.dtype, pk.ch[i].dense + t0, ps.channels[i].y) : ps.discard.data();
+    }
+    fold_lanes({lanes, T, w, y});
+
+    for (int i = 0; i < pk.n; ++i) {
+      const Channel& ch = pk.ch[i];
+      float* carry = p.carries + ((static_cast<int64_t>(b) * p.dim + ch.d) * n_chunks + c) * N;
+      std::copy_n(h + i * w, N, carry);
+      const float* z = p.z.data ? steps_in(p.z, b * p.z.stride0 + ch.d * p.z.stride1 + t0, T, ps.channels[i].z)
+                                : nullptr;
+      gate_steps({T, ch.D, u[i], z, y[i], nullptr, nullptr, nullptr, nullptr});
+      steps_out_done(p.out, p.u.dtype, ch.dense + t0, T, y[i]);
+    }
+  }
+}
+
+// channel_backward for a pack: dB/dC of variable B/C go to the thread's partial rows (packed lanes).
+void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d0, int w, PackScratch& ps,
+                   float* dB_part, float* dC_part) {
+  const Pack pk(p, b, d0, w, ps);
+  const int N = p.dstate, n_chunks = p.n_chunks();
+  alignas(32) float carry[8] = {}, dA[8] = {}, dB_inv[8] = {}, dC_inv[8] = {}, h_in[8], h[8];
+  float dD[8] = {}, ddelta_bias[8] = {};
+  v8f lanes[kMaxChunk + 8], lanes_du[kMaxChunk + 8];
+  for (int i = 0; i < pk.n; ++i) {
+    const int64_t bd = static_cast<int64_t>(b) * p.dim + pk.ch[i].d;
+    for (int k = 0; k < N; ++k) carry[i * w + k] = p.dlast ? p.dlast[bd * N + k] : 0.0f;
+  }
+  for (int c = n_chunks - 1; c >= 0; --c) {
+    const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
+    const float* u[8];
+    pack_load_steps(p, pk, t0, T, true, ps, u);
+    const ChannelRows rows = pack_rows(B, C, p, pk, b, d0, t0);
+
+    // Recompute the chunk's states from the carries saved by the forward.
+    std::fill_n(h_in, 8, 0.0f);
+    for (int i = 0; c > 0 && i < pk.n; ++i) {
+      const float* saved = p.carries + ((static_cast<int64_t>(b) * p.dim + pk.ch[i].d) * n_chunks + c - 1) * N;
+      std::copy_n(saved, N, h_in + i * w);
+    }
+    std::copy_n(h_in, 8, h);
+    packed_forward_core_hist({T, pk.A, h, ps.delta.data(), ps.delta_u.data(), rows.B, rows.ldb, rows.C, rows.ldc,
+                              lanes, ps.hist.data()});
+    float* y[8];
+    for (int i = 0; i < pk.G; ++i) y[i] = i < pk.n ? ps.channels[i].y.data() : ps.discard.data();
+    fold_lanes({lanes, T, w, y});
+
+    // Through each channel's z gate and D skip: dy is the gradient of Σ_n C h.
+    const float* dy[8];
+    for (int i = 0; i < pk.G; ++i) {
+      if (i >= pk.n) {
+        dy[i] = ps.zeros.data();
+        continue;
+      }
+      const Channel& ch = pk.ch[i];
+      Scratch& s = ps.channels[i];
+      const float* dout = steps_in(p.dout, b * p.dout.stride0 + ch.d * p.dout.stride1 + t0, T, s.dout);
+      const float* z = p.z.data ? steps_in(p.z, b * p.z.stride0 + ch.d * p.z.stride1 + t0, T, s.z) : nullptr;
+      float* dz = z ? steps_out(p.dz, p.z.dtype, ch.dense + t0, s.dz) : nullptr;
+      gate_steps({T, ch.D, u[i], z, s.y.data(), dout, s.dy.data(), dz, &dD[i]});
+      dy[i] = z ? s.dy.data() : dout;
+      if (z) steps_out_done(p.dz, p.z.dtype, ch.dense + t0, T, dz);
+    }
+    pack_steps({dy, T, w, ps.dy.data()});
+    pack_steps({u, T, w, ps.u.data()});
+
+    // The pack's group rows of the thread's partial dB/dC from step t0, or its invariant lanes.
+    auto part_rows = [&](float* part, const Rows& rows) {
+      return part + (static_cast<int64_t>(d0 / (p.dim / rows.groups)) * p.seqlen + t0) * 8;
+    };
+    float* dBp = p.b_variable ? part_rows(dB_part, B) : dB_inv;
+    float* dCp = p.c_variable ? part_rows(dC_part, C) : dC_inv;
+    packed_reverse_core({T, pk.A, carry, dA, ps.delta.data(), ps.u.data(), ps.dy.data(), rows.B, rows.ldb, rows.C,
+                         rows.ldc, h_in, ps.hist.data(), dBp, p.b_variable ? 8 : 0, dCp, p.c_variable ? 8 : 0,
+                         lanes, lanes_du});
+    float *ddelta[8], *du[8];
+    for (int i = 0; i < pk.G; ++i) {
+      ddelta[i] = i < pk.n ? steps_out(p.ddelta, p.delta.dtype, pk.ch[i].dense + t0, ps.channels[i].ddelta)
+                           : ps.discard.data();
+      du[i] = i < pk.n ? steps_out(p.du, p.u.dtype, pk.ch[i].dense + t0, ps.channels[i].du) : ps.discard.data();
+    }
+    fold_lanes({lanes, T, w, ddelta});
+    fold_lanes({lanes_du, T, w, du});
+    for (int i = 0; i < pk.n; ++i) {
+      const Channel& ch = pk.ch[i];
+      finish_steps({T, ch.D, ps.channels[i].delta_grad.data(), dy[i], ddelta[i], du[i], &ddelta_bias[i]});
+      steps_out_done(p.ddelta, p.delta.dtype, ch.dense + t0, T, ddelta[i]);
+      steps_out_done(p.du, p.u.dtype, ch.dense + t0, T, du[i]);
+    }
+  }
+
+  for (int i = 0; i < pk.n; ++i) {
+    const int d = pk.ch[i].d;
+    for (int k = 0; k < N; ++k) {
+      const int64_t dn = static_cast<int64_t>(d) * N + k;
+      p.dA[dn] += dA[i * w + k];
+      if (!p.b_variable) static_cast<float*>(p.dB)[dn] += dB_inv[i * w + k];
+      if (!p.c_variable) static_cast<float*>(p.dC)[dn] += dC_inv[i * w + k];
+    }
+    if (p.dD) p.dD[d] += dD[i];
+    if (p.ddelta_bias) p.ddelta_bias[d] += ddelta_bias[i];
+  }
+}
+
 // dB[b] (G, N, L) = Σ over threads of their partial rows (in the layout of `rows`), in the output's dtype.
 void reduce_partials(const std::vector<float>& parts, int64_t part_size, int threads, const Rows& rows, int N, int L,
                      void* out, DType dtype, int b, std::vector<float>& tile) {
@@ -701,7 +1031,11 @@ void reduce_partials(const std::vector<float>& parts, int64_t part_size, int thr
     }
     const int64_t dst = dst0 + static_cast<int64_t>(g) * N * L + t0;
     for (int n = 0; n < N; ++n) {
-      for (int t = 0; t < T; ++t) store(out, dst + static_cast<int64_t>(n) * L + t, dtype, tile[t * np + n]);
+      for (int t = 0; t < T; ++t) {
+        float sum = tile[t * np + n];  // packed rows: the channels' lanes of state n summed
+        for (int lane = n + rows.width; lane < np; lane += rows.width) sum += tile[t * np + lane];
+        store(out, dst + static_cast<int64_t>(n) * L + t, dtype, sum);
+      }
     }
   }
 }
@@ -709,23 +1043,35 @@ void reduce_partials(const std::vector<float>& parts, int64_t part_size, int thr
 }  // namespace
 
 void scan_fwd(const ScanParams& p) {
-  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, p);
-  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, p);
-  const int64_t pairs = static_cast<int64_t>(p.batch) * p.dim;
+  const int w = pack_width(p);
+  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, w ? w : round8(p.dstate), p);
+  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, w ? w : round8(p.dstate), p);
+  // Tasks: (batch, channel) pairs, or (batch, pack of 8 / w channels) with packing.
+  const int per_task = w ? 8 / w : 1, tasks_per_batch = (p.dim + per_task - 1) / per_task;
+  const int64_t tasks = static_cast<int64_t>(p.batch) * tasks_per_batch;
 #pragma omp parallel num_threads(p.num_threads)
   {
-    Scratch s(p.dstate, p.chunk, false);
+    if (w) {
+      PackScratch ps(p.dstate, p.chunk, w, false);
 #pragma omp for schedule(static)
-    for (int64_t bd = 0; bd < pairs; ++bd) {
-      channel_forward(p, B, C, static_cast<int>(bd / p.dim), static_cast<int>(bd % p.dim), s);
+      for (int64_t task = 0; task < tasks; ++task) {
+        const int b = static_cast<int>(task / tasks_per_batch), d0 = static_cast<int>(task % tasks_per_batch) * per_task;
+        pack_forward(p, B, C, b, d0, w, ps);
+      }
+    } else {
+      Scratch s(p.dstate, p.chunk, false);
+#pragma omp for schedule(static)
+      for (int64_t bd = 0; bd < tasks; ++bd) {
+        channel_forward(p, B, C, static_cast<int>(bd / p.dim), static_cast<int>(bd % p.dim), s);
+      }
     }
   }
 }
 
 void scan_bwd(const ScanParams& p) {
-  const int N = p.dstate, L = p.seqlen;
-  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, p);
-  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, p);
+  const int N = p.dstate, L = p.seqlen, w = pack_width(p);
+  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, w ? w : round8(N), p);
+  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, w ? w : round8(N), p);
   std::fill_n(p.dA, static_cast<int64_t>(p.dim) * N, 0.0f);
   if (!p.b_variable) std::fill_n(static_cast<float*>(p.dB), static_cast<int64_t>(p.dim) * N, 0.0f);
   if (!p.c_variable) std::fill_n(static_cast<float*>(p.dC), static_cast<int64_t>(p.dim) * N, 0.0f);
@@ -741,7 +1087,10 @@ void scan_bwd(const ScanParams& p) {
   std::vector<float> parts_b(part_b * p.num_threads), parts_c(part_c * p.num_threads);
 #pragma omp parallel num_threads(p.num_threads)
   {
-    Scratch s(N, p.chunk, true);
+    Scratch s(w ? 1 : N, w ? 1 : p.chunk, true);  // the packed path's is ps
+    std::optional<PackScratch> ps;
+    if (w) ps.emplace(N, p.chunk, w, true);
+    const int per_task = w ? 8 / w : 1, tasks = (p.dim + per_task - 1) / per_task;
     std::vector<float> tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
     const int th = omp_get_thread_num(), threads = omp_get_num_threads();
     float* my_b = p.b_variable ? parts_b.data() + th * part_b : nullptr;
@@ -751,7 +1100,13 @@ void scan_bwd(const ScanParams& p) {
       if (my_c) std::fill_n(my_c, part_c, 0.0f);
       // Round-robin channels: a fixed assignment keeps the sums (and results) reproducible.
 #pragma omp for schedule(static, 1)
-      for (int d = 0; d < p.dim; ++d) channel_backward(p, B, C, b, d, s, my_b, my_c);
+      for (int task = 0; task < tasks; ++task) {
+        if (w) {
+          pack_backward(p, B, C, b, task * per_task, w, *ps, my_b, my_c);
+        } else {
+          channel_backward(p, B, C, b, task, s, my_b, my_c);
+        }
+      }
       if (p.b_variable) reduce_partials(parts_b, part_b, threads, B, N, L, p.dB, p.B.dtype, b, tile);
       if (p.c_variable) reduce_partials(parts_c, part_c, threads, C, N, L, p.dC, p.C.dtype, b, tile);
     }
