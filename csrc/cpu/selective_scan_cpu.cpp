@@ -681,18 +681,19 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
 // ------------------------------------------------------------------------------------ packed channels
 // A channel of N <= 4 states would fill only N lanes of its vector (the steps' work, not the states', sets the
 // cost: N = 1 ran as slowly as N = 8). Instead G = 8 / w consecutive channels of one batch share each vector,
-// w = N rounded up to a power of two: lane j holds channel j / w's state j % w. The per-step scalars (Δ, Δ·u,
-// u, dy) become (T, 8) lane rows, packed from the channels' step rows through transposes; B and C rows hold a
-// step's states tiled G times (Rows::width), so the channels still read them in place. Each channel's sums
-// over its states (y, dΔ, du) are folded out of the lanes afterwards, and its per-state results (h, dA) read
+// w = N rounded up to a power of two: lane j holds channel j / w's state j % w. B and C rows hold a step's
+// states tiled G times (Rows::width), so the channels still read them in place; the per-step scalars (Δ, Δ·u,
+// u, dy) become (T, 8) lane rows, packed from the channels' step rows (pack_steps). Each channel's sums over its
+// states (y, dΔ, du) are folded out of the lanes afterwards (fold_lanes), and its per-state results (h, dA) read
 // from them.
 
-// Packed steps of up to 8 rows: out[8·t + i] = rows[i / w][t] for t < T, eight steps at a time through a
-// transpose (w: states per channel, so each channel's value fills its w lanes).
+// The pack's channels' rows of T steps as a (T, 8) array whose lane i at step t is channel i / w's value:
+// out[8·t + i] = rows[i / w][t], eight steps at a time through a transpose (building each step's vector from
+// the rows with broadcasts and blends instead: forward 10 % slower at w = 4).
 struct PackStepsArgs {
-  const float* const* rows;  // (G,) rows of T steps
+  const float* const* rows;  // (G,)
   int T, w;
-  float* out;                // (T, 8)
+  float* out;
 };
 
 COMPRESSM_ALWAYS_INLINE void pack_steps_impl(const PackStepsArgs& a) {
@@ -711,42 +712,84 @@ COMPRESSM_ALWAYS_INLINE void pack_steps_impl(const PackStepsArgs& a) {
 }
 COMPRESSM_DISPATCH(pack_steps, PackStepsArgs)
 
-// The way back, summed per channel: rows[c][t] = Σ_{k < w} lanes[t][c·w + k] for the G = 8 / w channels.
-// lanes is zero-padded to a multiple of 8 steps first.
+// Eight steps of lanes summed per channel: out[c][j] = Σ_{k < w} v[j][c·w + k] for the 8 / w channels. One
+// transpose for w = 1; for w = 2 and 4 the sums are folded into the interleaves (sum_rows8's scheme, stopped
+// where a channel's lanes are summed): 20 vector operations instead of a transpose's 24 and the sums after it.
+template <int kW>
+COMPRESSM_ALWAYS_INLINE void fold8(v8f* v, v8f* out) {
+  if constexpr (kW == 1) {
+    transpose8(v);
+    for (int c = 0; c < 8; ++c) out[c] = v[c];
+  } else if constexpr (kW == 2) {
+    v8f a[4], p[2], q[2];
+    for (int i = 0; i < 4; ++i) {  // a[i] = [c0 c1 (step 2i), c0 c1 (2i+1), c2 c3 (2i), c2 c3 (2i+1)]
+      const v8f x = v[2 * i], z = v[2 * i + 1];
+      a[i] = COMPRESSM_SHUFFLE(x, z, 0, 2, 8, 10, 4, 6, 12, 14) + COMPRESSM_SHUFFLE(x, z, 1, 3, 9, 11, 5, 7, 13, 15);
+    }
+    for (int j = 0; j < 2; ++j) {  // p[j] = [c0, c2] and q[j] = [c1, c3] over steps 4j .. 4j+3
+      p[j] = COMPRESSM_SHUFFLE(a[2 * j], a[2 * j + 1], 0, 2, 8, 10, 4, 6, 12, 14);
+      q[j] = COMPRESSM_SHUFFLE(a[2 * j], a[2 * j + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+    }
+    out[0] = COMPRESSM_SHUFFLE(p[0], p[1], 0, 1, 2, 3, 8, 9, 10, 11);
+    out[1] = COMPRESSM_SHUFFLE(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11);
+    out[2] = COMPRESSM_SHUFFLE(p[0], p[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    out[3] = COMPRESSM_SHUFFLE(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  } else {
+    v8f a[4], b[2];
+    for (int i = 0; i < 4; ++i) {  // as sum_rows8
+      const v8f x = v[2 * i], z = v[2 * i + 1];
+      a[i] = COMPRESSM_SHUFFLE(x, z, 0, 8, 1, 9, 4, 12, 5, 13) + COMPRESSM_SHUFFLE(x, z, 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 2; ++i) {  // b[i] = [c0, c1] over steps 4i .. 4i+3
+      const v8f x = a[2 * i], z = a[2 * i + 1];
+      b[i] = COMPRESSM_SHUFFLE(x, z, 0, 1, 8, 9, 4, 5, 12, 13) + COMPRESSM_SHUFFLE(x, z, 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    out[0] = COMPRESSM_SHUFFLE(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11);
+    out[1] = COMPRESSM_SHUFFLE(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// T steps of lanes summed per channel into rows[c][t] (the G = 8 / w channels); lanes is zero-padded to a multiple
+// of 8 steps first.
 struct FoldLanesArgs {
   v8f* lanes;  // (T + 8,)
   int T, w;
   float* const* rows;  // (G,) rows of T steps
 };
 
-COMPRESSM_ALWAYS_INLINE void fold_lanes_impl(const FoldLanesArgs& a) {
+template <int kW>
+COMPRESSM_ALWAYS_INLINE void fold_lanes_w(const FoldLanesArgs& a) {
   for (int t = a.T; t % 8 != 0; ++t) a.lanes[t] = v8f{};
   for (int t0 = 0; t0 < a.T; t0 += 8) {
-    v8f v[8];
-    for (int j = 0; j < 8; ++j) v[j] = a.lanes[t0 + j];
-    transpose8(v);  // v[i]: lane i over steps t0 .. t0 + 7
-    for (int c = 0; c * a.w < 8; ++c) {
-      v8f sum = v[c * a.w];
-      for (int k = 1; k < a.w; ++k) sum += v[c * a.w + k];
+    v8f sums[8 / kW];
+    fold8<kW>(a.lanes + t0, sums);
+    for (int c = 0; c < 8 / kW; ++c) {
       if (t0 + 8 <= a.T) {
-        store8(a.rows[c] + t0, sum);
+        store8(a.rows[c] + t0, sums[c]);
       } else {
-        for (int t = t0; t < a.T; ++t) a.rows[c][t] = sum[t - t0];
+        for (int t = t0; t < a.T; ++t) a.rows[c][t] = sums[c][t - t0];
       }
     }
   }
 }
+COMPRESSM_ALWAYS_INLINE void fold_lanes_impl(const FoldLanesArgs& a) {
+  switch (a.w) {
+    case 1: fold_lanes_w<1>(a); break;
+    case 2: fold_lanes_w<2>(a); break;
+    default: fold_lanes_w<4>(a);
+  }
+}
 COMPRESSM_DISPATCH(fold_lanes, FoldLanesArgs)
 
-// forward_core over a pack: T steps of one vector, the per-step scalars loaded as lane rows. lanes[t] receives
-// C_t·h_t per lane; hist (T, 8), when given, every h_t.
+// forward_core over a pack: T steps of one vector. lanes[t] receives C_t·h_t per lane; hist (T, 8), when given,
+// every h_t.
 struct PackedForwardArgs {
   int T;
   const float* A;  // (8,) lanes
   float* h;        // (8,) lanes, updated
-  const float* delta;    // (T, 8)
-  const float* delta_u;  // (T, 8)
-  const float* B;        // row t at B + t·ldb: (8,) lanes (ldb = 0: the pack's time-invariant lanes)
+  const float* delta;    // (T, 8) lane rows (pack_steps)
+  const float* delta_u;
+  const float* B;  // row t at B + t·ldb: (8,) lanes (ldb = 0: the pack's time-invariant lanes)
   int64_t ldb;
   const float* C;
   int64_t ldc;
@@ -827,7 +870,8 @@ int pack_width(const ScanParams& p) {
   return straddles(p.b_variable, p.groups_b) || straddles(p.c_variable, p.groups_c) ? 0 : w;
 }
 
-// Per-thread memory of the packed path: each channel's Scratch (its step rows) and the pack's lane rows.
+// Per-thread memory of the packed path: each channel's Scratch (its step rows), the pack's packed rows (w = 1) and
+// its states over a chunk.
 struct PackScratch {
   std::vector<Scratch> channels;                     // (G,)
   std::vector<float> delta, delta_u, u, dy, hist;    // (chunk, 8)
@@ -855,7 +899,8 @@ struct Pack {
   }
 };
 
-// Δ and Δ·u (and dΔ/dδ) of the pack's channels for steps [t0, t0 + T), packed; u_rows receives each channel's u.
+// Δ and Δ·u (and dΔ/dδ) of the pack's channels for steps [t0, t0 + T) as lane rows; u_rows receives each
+// channel's u.
 void pack_load_steps(const ScanParams& p, const Pack& pk, int t0, int T, bool grad, PackScratch& ps,
                      const float** u_rows) {
   const float *delta[8], *delta_u[8];
@@ -959,8 +1004,6 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
       dy[i] = z ? s.dy.data() : dout;
       if (z) steps_out_done(p.dz, p.z.dtype, ch.dense + t0, T, dz);
     }
-    pack_steps({dy, T, w, ps.dy.data()});
-    pack_steps({u, T, w, ps.u.data()});
 
     // The pack's group rows of the thread's partial dB/dC from step t0, or its invariant lanes.
     auto part_rows = [&](float* part, const Rows& rows) {
@@ -968,6 +1011,8 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
     };
     float* dBp = p.b_variable ? part_rows(dB_part, B) : dB_inv;
     float* dCp = p.c_variable ? part_rows(dC_part, C) : dC_inv;
+    pack_steps({dy, T, w, ps.dy.data()});
+    pack_steps({u, T, w, ps.u.data()});
     packed_reverse_core({T, pk.A, carry, dA, ps.delta.data(), ps.u.data(), ps.dy.data(), rows.B, rows.ldb, rows.C,
                          rows.ldc, h_in, ps.hist.data(), dBp, p.b_variable ? 8 : 0, dCp, p.c_variable ? 8 : 0,
                          lanes, lanes_du});
