@@ -189,10 +189,11 @@ def test_gradient_through_last_state_only(dstate: int) -> None:
             assert_close(got, ref, F32, name)
 
 
-def test_strided_inputs() -> None:
+@pytest.mark.parametrize("dstate", [12, 2], ids=str)  # one channel per vector; four to a vector
+def test_strided_inputs(dstate: int) -> None:
     """Inputs that are views with unit-stride L but other strides (as mamba's projections make them) run
     without copies and match contiguous inputs."""
-    case = Case(dim=4, seqlen=90, dstate=12)
+    case = Case(dim=9, seqlen=90, dstate=dstate)
     inputs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(case).items()}
     strided = dict(inputs)
     for name in ("u", "delta", "z"):  # channel slices of a wider tensor

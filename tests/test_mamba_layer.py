@@ -57,6 +57,16 @@ def test_fused_path_equals_unfused_path() -> None:
         assert_close(fused[k], unfused[k], F32, k)
 
 
+@pytest.mark.parametrize("d_state", [12, 2], ids=str)  # the C++ scan: one channel per vector; four to a vector
+def test_layer_on_the_cpu_kernels_equals_the_reference(d_state: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer, x = make_layer(d_state=d_state), inputs(seqlen=70)
+    got = out_and_grads(layer, x)
+    monkeypatch.setenv("COMPRESSM_BACKEND", "reference")
+    want = out_and_grads(layer, x)
+    for k in want:
+        assert_close(got[k], want[k], F32, k)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_in_proj_layout_is_the_linear_transposed(bias: bool) -> None:
     """The forward's in_proj output: the values (and gradients) of ``in_proj(x).transpose(1, 2)``, but unit-stride
