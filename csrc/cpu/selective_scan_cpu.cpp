@@ -870,8 +870,8 @@ int pack_width(const ScanParams& p) {
   return straddles(p.b_variable, p.groups_b) || straddles(p.c_variable, p.groups_c) ? 0 : w;
 }
 
-// Per-thread memory of the packed path: each channel's Scratch (its step rows), the pack's packed rows (w = 1) and
-// its states over a chunk.
+// Per-thread memory of the packed path: each channel's Scratch (its step rows), and the pack's lane rows and
+// states over a chunk.
 struct PackScratch {
   std::vector<Scratch> channels;                     // (G,)
   std::vector<float> delta, delta_u, u, dy, hist;    // (chunk, 8)
@@ -1132,9 +1132,13 @@ void scan_bwd(const ScanParams& p) {
   std::vector<float> parts_b(part_b * p.num_threads), parts_c(part_c * p.num_threads);
 #pragma omp parallel num_threads(p.num_threads)
   {
-    Scratch s(w ? 1 : N, w ? 1 : p.chunk, true);  // the packed path's is ps
+    std::optional<Scratch> s;  // one of the two
     std::optional<PackScratch> ps;
-    if (w) ps.emplace(N, p.chunk, w, true);
+    if (w) {
+      ps.emplace(N, p.chunk, w, true);
+    } else {
+      s.emplace(N, p.chunk, true);
+    }
     const int per_task = w ? 8 / w : 1, tasks = (p.dim + per_task - 1) / per_task;
     std::vector<float> tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
     const int th = omp_get_thread_num(), threads = omp_get_num_threads();
@@ -1149,7 +1153,7 @@ void scan_bwd(const ScanParams& p) {
         if (w) {
           pack_backward(p, B, C, b, task * per_task, w, *ps, my_b, my_c);
         } else {
-          channel_backward(p, B, C, b, task, s, my_b, my_c);
+          channel_backward(p, B, C, b, task, *s, my_b, my_c);
         }
       }
       if (p.b_variable) reduce_partials(parts_b, part_b, threads, B, N, L, p.dB, p.B.dtype, b, tile);
