@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from . import block, conv, decode, hankel, scan
+from . import block, conv, decode, hankel, hf, scan
 
-SUITES = {"scan": scan, "decode": decode, "block": block, "conv": conv, "hankel": hankel}
+SUITES = {"scan": scan, "decode": decode, "block": block, "conv": conv, "hankel": hankel, "hf": hf}
 
 
 def _common(p: argparse.ArgumentParser) -> None:

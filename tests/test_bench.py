@@ -27,11 +27,14 @@ SUITES = {
     "block": ["--d-model", "8", "--batch", "1", "--seqlen", "8", "--dstate", "8", "--cuts", "4"],
     "conv": ["--dims", "8", "--batch", "1", "--seqlen", "8", "--width", "3"],
     "hankel": ["--dims", "4", "--dstates", "4", "--batch", "1", "--seqlen", "8", "--scipy-max-dim", "4"],
+    "hf": ["--d-model", "8", "--layers", "1", "--dstate", "2", "--batch", "1", "--seqlen", "8", "--new", "2"],
 }
 
 
 @pytest.mark.parametrize("suite", list(SUITES))
 def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if suite == "hf":
+        pytest.importorskip("transformers")
     bench_main([suite, "--quick", *TINY, *SUITES[suite], "--json-dir", str(tmp_path), "--plots-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "torch " in out and "median ms" in out  # header with versions, then the table
@@ -52,6 +55,9 @@ def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.C
         assert all(r["extra"]["tok/s"] > 0 for r in rows)
     if suite == "conv":
         assert {r["extra"]["op"] for r in rows} == {"fwd", "fwd+bwd", "decode step"}
+    if suite == "hf":
+        assert {r["extra"]["op"] for r in rows} == {"train step", "forward", "generate"}
+        assert {r["extra"]["path"] for r in rows} == {"transformers", "compressm"}
 
 
 def test_ratios_are_to_the_group_baseline() -> None:

@@ -24,10 +24,9 @@ from compressm_kernels import (
     calibrate,
     plan_compression,
     resize_for_state_dict,
-    selective_scan_fn,
 )
-from compressm_kernels import selective_state_update as our_state_update
 from compressm_kernels.calibration import find_mixers
+from compressm_kernels.integrations import transformers as hf_bridge
 
 transformers = pytest.importorskip("transformers")
 modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
@@ -84,11 +83,6 @@ def _prompt() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(2))
 
 
-def _our_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-              **_):  # HF's own flags (use_mambapy, ...) choose among its torch scans: nothing for us
-    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-
-
 def _kwargs_it_takes(fn):
     """Drop the keyword arguments ``fn`` does not declare, as HF's wrapper does for an outside implementation."""
     params = inspect.signature(fn).parameters
@@ -101,8 +95,8 @@ def _kwargs_it_takes(fn):
 
 def _kernels(path: str) -> dict:
     """Replacements for HF's scan and decode step: none (its torch code), ours, or mamba_ssm's on our bridge."""
-    if path == "compressm":
-        return {"mamba_selective_scan": _our_scan, "mamba_selective_state_update": our_state_update}
+    if path == "compressm":  # the functions integrations.transformers.install() routes CPU tensors to
+        return {name: hf_bridge.OURS[name] for name in _HF_KERNELS}
     if path == "mamba_ssm":  # what HF itself picks when mamba_ssm imported first (install() makes it importable)
         from compressm_kernels.integrations import mamba_ssm as bridge
 

@@ -1,0 +1,130 @@
+"""transformers' Mamba models on our kernels (``integrations.transformers.install()``): the loss, every gradient
+(the fused training path), the logits and cached greedy generation equal transformers' own PyTorch code; the
+kernels are ours on CPU tensors and transformers' elsewhere; ``uninstall()`` puts transformers' functions back."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from compressm_kernels import compress_model
+from compressm_kernels.integrations import transformers as bridge
+from scan_cases import assert_close
+
+transformers = pytest.importorskip("transformers")
+modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+modeling_falcon_mamba = pytest.importorskip("transformers.models.falcon_mamba.modeling_falcon_mamba")
+if not hasattr(modeling_mamba, "mamba_selective_state_update"):
+    pytest.skip(f"transformers {transformers.__version__}: the integration follows the 5.x Mamba modelling code",
+                allow_module_level=True)
+
+F32 = torch.float32
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True)
+def transformers_own_functions(monkeypatch: pytest.MonkeyPatch):
+    """Every test starts on transformers' own PyTorch functions. Which implementation transformers picks by
+    itself depends on whether mamba_ssm was importable when its modelling module was imported (our mamba_ssm
+    integration makes it importable), so the PyTorch ones are pinned."""
+    bridge.uninstall()
+    for module in (modeling_mamba, modeling_falcon_mamba):
+        for name in bridge.OURS:
+            monkeypatch.setattr(module, name, inspect.unwrap(getattr(module, name)))
+    yield
+    bridge.uninstall()
+
+
+def _model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2, conv_kernel=4,
+              time_step_rank=2, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if family == "falcon_mamba":  # RMSNorm on B, C and Δ inside the fused path
+        return transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**kw))
+    return transformers.MambaForCausalLM(transformers.MambaConfig(**kw))
+
+
+def _ids(batch: int = 2, seqlen: int = 37) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def _everything(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Training loss and gradients (train mode: the fused path), logits without a cache, and a cached greedy
+    generation with its scores (prefill scan, then conv and state decode steps)."""
+    ids = _ids()
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    out = {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+    model.eval()
+    with torch.no_grad():
+        out["logits"] = model(ids, use_cache=False).logits
+        gen = model.generate(ids[:, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    out["generated"] = gen.sequences
+    out["scores"] = torch.stack(gen.scores)
+    return out
+
+
+def _count_our_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls = dict.fromkeys(bridge.OURS, 0)
+    for name, fn in list(bridge.OURS.items()):
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setitem(bridge.OURS, name, counted)
+    return calls
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    assert torch.equal(got.pop("generated"), want.pop("generated"))
+    for name in want:
+        assert_close(got[name], want[name], F32, name)
+
+
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
+def test_install_matches_transformers_own_path(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(family)
+    want = _everything(model)
+    calls = _count_our_calls(monkeypatch)
+    done = bridge.install()
+    assert f"{modeling_mamba.__name__}.mamba_selective_scan" in done
+    got = _everything(model)
+    assert all(calls.values()), calls  # every one of the five ran on our kernels
+    _assert_same(got, want)
+
+
+def test_compacted_model_on_our_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cut to 3 states per layer: the C++ scan packs two channels to a vector there.
+    model = _model("mamba")
+    compress_model(model, [_ids(seqlen=16)], rank=3)
+    assert {m.A_log.shape[1] for m in model.modules() if hasattr(m, "A_log")} == {3}
+    want = _everything(model)
+    calls = _count_our_calls(monkeypatch)
+    bridge.install()
+    got = _everything(model)
+    assert calls["mamba_inner_fn"] and calls["mamba_selective_scan"] and calls["mamba_selective_state_update"]
+    _assert_same(got, want)
+
+
+def test_other_devices_keep_transformers_functions() -> None:
+    # A meta tensor stands in for a GPU: transformers' own scan runs on it (ours would reject it).
+    bridge.install()
+    u, A, B = (torch.empty(shape, device="meta") for shape in ((1, 4, 3), (4, 2), (1, 2, 3)))
+    out = modeling_mamba.mamba_selective_scan(u, u, A, B, B)
+    assert out.device.type == "meta" and tuple(out.shape) == (1, 4, 3)
+
+
+def test_install_is_idempotent_and_uninstall_restores() -> None:
+    before = {name: getattr(modeling_mamba, name) for name in bridge.OURS}
+    bridge.install()
+    routed = {name: getattr(modeling_mamba, name) for name in bridge.OURS}
+    assert all(routed[name] is not before[name] for name in before)
+    bridge.install()
+    assert all(getattr(modeling_mamba, name) is routed[name] for name in routed)
+    bridge.uninstall()
+    assert all(getattr(modeling_mamba, name) is before[name] for name in before)
