@@ -67,11 +67,16 @@ def backends(args: argparse.Namespace) -> None:
         print(f"{name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
 
 
+def _help(fn) -> str:
+    """A command's help from its docstring (argparse formats help with %, so a literal % is doubled)."""
+    return fn.__doc__.replace("%", "%%")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="compressm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"compressm_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help=demo.__doc__)
+    p = sub.add_parser("demo", help=_help(demo))
     p.add_argument("--dstate", type=int, default=64, help="full state size N")
     p.add_argument("--d-model", type=int, default=64, help="model width (the scan has 2·d_model channels)")
     p.add_argument("--steps", type=int, default=400)
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tau", type=float, default=0.05, help="CompreSSM's tolerance on the Hankel spectrum")
     p.add_argument("--out", default="demo_out", help="folder for the PNG plots")
     p.set_defaults(func=demo)
-    p = sub.add_parser("scan-demo", help=scan_demo.__doc__)
+    p = sub.add_parser("scan-demo", help=_help(scan_demo))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--seqlen", type=int, default=512)
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", type=int, default=8)
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=scan_demo)
-    p = sub.add_parser("backends", help=backends.__doc__)
+    p = sub.add_parser("backends", help=_help(backends))
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=backends)
     args = parser.parse_args(argv)

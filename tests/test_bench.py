@@ -60,6 +60,15 @@ def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.C
         assert {r["extra"]["path"] for r in rows} == {"transformers", "compressm"}
 
 
+@pytest.mark.parametrize("suite", [*SUITES, "all"])
+def test_suite_help_prints(suite: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse formats help strings with %: a suite's docstring with a literal % would make --help crash.
+    with pytest.raises(SystemExit) as info:
+        bench_main([suite, "--help"])
+    assert info.value.code == 0
+    assert "usage: python -m bench" in capsys.readouterr().out
+
+
 def test_ratios_are_to_the_group_baseline() -> None:
     bench = Bench("t", repeats=2, warmup=0)
     fast = bench.time("fast", lambda: None, group="g")

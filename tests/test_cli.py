@@ -19,3 +19,13 @@ def test_backends_lists_reference(capsys: pytest.CaptureFixture[str]) -> None:
     main(["backends"])
     out = capsys.readouterr().out
     assert "reference  available" in out and "cuda" in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["scan-demo", "--help"], ["backends", "--help"]],
+                         ids=" ".join)
+def test_help_prints(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # The demo's help says "10 %": argparse formats help strings with %, which once made --help crash.
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert "usage: compressm" in capsys.readouterr().out
