@@ -688,26 +688,66 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
 // from them.
 
 // The pack's channels' rows of T steps as a (T, 8) array whose lane i at step t is channel i / w's value:
-// out[8·t + i] = rows[i / w][t], eight steps at a time through a transpose (building each step's vector from
-// the rows with broadcasts and blends instead: forward 10 % slower at w = 4).
+// out[8·t + i] = rows[i / w][t], eight steps at a time (building each step's vector from the rows with
+// broadcasts and blends in the core instead: forward 10 % slower at w = 4).
 struct PackStepsArgs {
   const float* const* rows;  // (G,)
   int T, w;
   float* out;
 };
 
-COMPRESSM_ALWAYS_INLINE void pack_steps_impl(const PackStepsArgs& a) {
-  const float* src[8];
-  for (int i = 0; i < 8; ++i) src[i] = a.rows[i / a.w];
-  const int T8 = a.T & ~7;
-  for (int t = 0; t < T8; t += 8) {
+// Steps t .. t + 7: eight channels' rows through a transpose; two or four channels' by interleaving their
+// 8-step vectors, then broadcasting within 128-bit halves (2 loads and 10 shuffles for w = 4, 4 and 16 for w = 2,
+// against the transpose's 8 and 24).
+template <int kW>
+COMPRESSM_ALWAYS_INLINE void pack8(const float* const* rows, int t, float* out) {
+  if constexpr (kW == 1) {
     v8f v[8];
-    for (int i = 0; i < 8; ++i) v[i] = load8(src[i] + t);
+    for (int i = 0; i < 8; ++i) v[i] = load8(rows[i] + t);
     transpose8(v);
-    for (int j = 0; j < 8; ++j) store8(a.out + 8 * (t + j), v[j]);
+    for (int j = 0; j < 8; ++j) store8(out + 8 * j, v[j]);
+  } else if constexpr (kW == 2) {
+    const v8f a = load8(rows[0] + t), b = load8(rows[1] + t), c = load8(rows[2] + t), d = load8(rows[3] + t);
+    const v8f ac[2] = {COMPRESSM_SHUFFLE(a, c, 0, 1, 2, 3, 8, 9, 10, 11),    // a0-3 | c0-3
+                       COMPRESSM_SHUFFLE(a, c, 4, 5, 6, 7, 12, 13, 14, 15)};  // a4-7 | c4-7
+    const v8f bd[2] = {COMPRESSM_SHUFFLE(b, d, 0, 1, 2, 3, 8, 9, 10, 11),
+                       COMPRESSM_SHUFFLE(b, d, 4, 5, 6, 7, 12, 13, 14, 15)};
+    for (int h = 0; h < 2; ++h) {  // steps 4h .. 4h + 3
+      const v8f lo = COMPRESSM_SHUFFLE(ac[h], bd[h], 0, 8, 1, 9, 4, 12, 5, 13);   // a b a b | c d c d: steps 0-1
+      const v8f hi = COMPRESSM_SHUFFLE(ac[h], bd[h], 2, 10, 3, 11, 6, 14, 7, 15);  // steps 2-3
+      float* o = out + 32 * h;
+      store8(o, COMPRESSM_SHUFFLE(lo, lo, 0, 0, 1, 1, 4, 4, 5, 5));
+      store8(o + 8, COMPRESSM_SHUFFLE(lo, lo, 2, 2, 3, 3, 6, 6, 7, 7));
+      store8(o + 16, COMPRESSM_SHUFFLE(hi, hi, 0, 0, 1, 1, 4, 4, 5, 5));
+      store8(o + 24, COMPRESSM_SHUFFLE(hi, hi, 2, 2, 3, 3, 6, 6, 7, 7));
+    }
+  } else {
+    const v8f a = load8(rows[0] + t), b = load8(rows[1] + t);
+    const v8f halves[2] = {COMPRESSM_SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11),    // a0-3 | b0-3
+                           COMPRESSM_SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15)};  // a4-7 | b4-7
+    for (int h = 0; h < 2; ++h) {
+      const v8f x = halves[h];
+      store8(out + 32 * h, COMPRESSM_SHUFFLE(x, x, 0, 0, 0, 0, 4, 4, 4, 4));
+      store8(out + 32 * h + 8, COMPRESSM_SHUFFLE(x, x, 1, 1, 1, 1, 5, 5, 5, 5));
+      store8(out + 32 * h + 16, COMPRESSM_SHUFFLE(x, x, 2, 2, 2, 2, 6, 6, 6, 6));
+      store8(out + 32 * h + 24, COMPRESSM_SHUFFLE(x, x, 3, 3, 3, 3, 7, 7, 7, 7));
+    }
   }
+}
+
+template <int kW>
+COMPRESSM_ALWAYS_INLINE void pack_steps_w(const PackStepsArgs& a) {
+  const int T8 = a.T & ~7;
+  for (int t = 0; t < T8; t += 8) pack8<kW>(a.rows, t, a.out + 8 * t);
   for (int t = T8; t < a.T; ++t) {
-    for (int i = 0; i < 8; ++i) a.out[8 * t + i] = src[i][t];
+    for (int i = 0; i < 8; ++i) a.out[8 * t + i] = a.rows[i / kW][t];
+  }
+}
+COMPRESSM_ALWAYS_INLINE void pack_steps_impl(const PackStepsArgs& a) {
+  switch (a.w) {
+    case 1: pack_steps_w<1>(a); break;
+    case 2: pack_steps_w<2>(a); break;
+    default: pack_steps_w<4>(a);
   }
 }
 COMPRESSM_DISPATCH(pack_steps, PackStepsArgs)
@@ -1100,8 +1140,8 @@ void scan_fwd(const ScanParams& p) {
       PackScratch ps(p.dstate, p.chunk, w, false);
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < tasks; ++task) {
-        const int b = static_cast<int>(task / tasks_per_batch), d0 = static_cast<int>(task % tasks_per_batch) * per_task;
-        pack_forward(p, B, C, b, d0, w, ps);
+        const int b = static_cast<int>(task / tasks_per_batch);
+        pack_forward(p, B, C, b, static_cast<int>(task % tasks_per_batch) * per_task, w, ps);
       }
     } else {
       Scratch s(p.dstate, p.chunk, false);
