@@ -43,6 +43,8 @@ def _model(family: str) -> torch.nn.Module:
               time_step_rank=2, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if family == "falcon_mamba":  # RMSNorm on B, C and Δ inside the fused path
         return transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**kw))
+    if family == "mamba_biases":  # projections with biases, a conv without
+        kw.update(use_bias=True, use_conv_bias=False)
     return transformers.MambaForCausalLM(transformers.MambaConfig(**kw))
 
 
@@ -86,7 +88,7 @@ def _assert_same(got: dict, want: dict) -> None:
         assert_close(got[name], want[name], F32, name)
 
 
-@pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
+@pytest.mark.parametrize("family", ["mamba", "mamba_biases", "falcon_mamba"])
 def test_install_matches_transformers_own_path(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(family)
     want = _everything(model)
