@@ -177,6 +177,24 @@ def test_decode_step_matches_the_torch_step(width, keep, state_dtype, silu, with
         assert_close(torch.stack(steps, -1), full, F32, "steps == full conv")
 
 
+def test_decode_step_takes_a_token_as_bt_d_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token given as (Bt, D, 1), as transformers' Mamba passes it, runs the C++ step too (it took the PyTorch
+    step's F.conv1d before) and comes back in that shape."""
+    gen = torch.Generator().manual_seed(7)
+    x, weight = torch.randn(2, 3, 1, generator=gen), torch.randn(3, 4, generator=gen)
+    bias, ours = torch.randn(3, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    theirs = ours.clone()
+    steps = []
+    real_step = conv1d_cpu.causal_conv1d_update_step
+    monkeypatch.setattr(conv1d_cpu, "causal_conv1d_update_step", lambda *a: steps.append(1) or real_step(*a))
+    with torch.no_grad():
+        got = causal_conv1d_update(x, ours, weight, bias, "silu")
+        want = causal_conv1d_update_torch(x, theirs, weight, bias, "silu")
+    assert steps == [1] and got.shape == (2, 3, 1)
+    assert_close(got, want, F32, "out")
+    assert_close(ours, theirs, F32, "conv_state")
+
+
 def test_decode_step_routes_and_bad_inputs() -> None:
     """The step takes the C++ kernel without autograd, the PyTorch step when a gradient is needed; bad shapes
     raise naming the argument and leave conv_state untouched."""

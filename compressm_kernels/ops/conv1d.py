@@ -94,6 +94,8 @@ def causal_conv1d_update(
     :func:`causal_conv1d_update_torch`)."""
     if _cuda_conv_update is not None and x.is_cuda:
         return _cuda_conv_update(x, conv_state, weight, bias, activation)
+    if x.dim() == 3 and x.shape[-1] == 1:  # one token as (Bt, D, 1), transformers' layout: the one-token step
+        return causal_conv1d_update(x[..., 0], conv_state, weight, bias, activation)[..., None]
     if conv1d_cpu.update_unavailable_reason(x, conv_state, weight, bias) is None:
         _check(x[..., None], weight, bias, activation)  # the kernel checks conv_state before it writes
         return conv1d_cpu.causal_conv1d_update_step(x, conv_state, weight.float(),
