@@ -560,11 +560,30 @@ const float* load_steps(const ScanParams& p, const Channel& ch, int t0, int T, b
   return u;
 }
 
+// The z gate and D skip over T steps from t0 of a channel's output y (from Σ C h), written out in place or
+// converted from the scratch row.
+void gate_forward(const ScanParams& p, const Channel& ch, int t0, int T, const float* u, float* y, Scratch& s) {
+  const float* z = p.z.data ? steps_in(p.z, ch.b * p.z.stride0 + ch.d * p.z.stride1 + t0, T, s.z) : nullptr;
+  gate_steps({T, ch.D, u, z, y, nullptr, nullptr, nullptr, nullptr});
+  steps_out_done(p.out, p.u.dtype, ch.dense + t0, T, y);
+}
+
+// Back through the z gate and D skip: writes dz, adds to *dD, and returns dy, the gradient of Σ_n C h (y: Σ C h
+// recomputed).
+const float* gate_backward(const ScanParams& p, const Channel& ch, int t0, int T, const float* u, float* y,
+                           Scratch& s, float* dD) {
+  const float* dout = steps_in(p.dout, ch.b * p.dout.stride0 + ch.d * p.dout.stride1 + t0, T, s.dout);
+  const float* z = p.z.data ? steps_in(p.z, ch.b * p.z.stride0 + ch.d * p.z.stride1 + t0, T, s.z) : nullptr;
+  float* dz = z ? steps_out(p.dz, p.z.dtype, ch.dense + t0, s.dz) : nullptr;
+  gate_steps({T, ch.D, u, z, y, dout, s.dy.data(), dz, dD});
+  if (z) steps_out_done(p.dz, p.z.dtype, ch.dense + t0, T, dz);
+  return z ? s.dy.data() : dout;
+}
+
 void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s) {
   const Channel ch(p, b, d, s);
   const int N = p.dstate, n_chunks = p.n_chunks();
   std::fill_n(s.h.begin(), round8(ch.r), 0.0f);
-  const int64_t off_z = p.z.data ? b * p.z.stride0 + d * p.z.stride1 : 0;
   for (int c = 0; c < n_chunks; ++c) {
     const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
     const float* u = load_steps(p, ch, t0, T, false, s);
@@ -576,10 +595,7 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
     float* carry = p.carries + ((static_cast<int64_t>(b) * p.dim + d) * n_chunks + c) * N;
     if (ch.kept) std::fill_n(carry, N, 0.0f);  // masked states stay exactly 0
     for (int k = 0; k < ch.r; ++k) carry[ch.state(k)] = s.h[k];
-
-    const float* z = p.z.data ? steps_in(p.z, off_z + t0, T, s.z) : nullptr;
-    gate_steps({T, ch.D, u, z, y, nullptr, nullptr, nullptr, nullptr});
-    steps_out_done(p.out, p.u.dtype, ch.dense + t0, T, y);
+    gate_forward(p, ch, t0, T, u, y, s);
   }
 }
 
@@ -627,13 +643,7 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     forward_core_hist({r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
                        rows.ldc, s.y.data(), s.hist.data()});
 
-    // Through the z gate and the D skip: dy is the gradient of Σ_n C h.
-    const float* dout = steps_in(p.dout, off_dout + t0, T, s.dout);
-    const float* z = p.z.data ? steps_in(p.z, off_z + t0, T, s.z) : nullptr;
-    float* dz = z ? steps_out(p.dz, p.z.dtype, ch.dense + t0, s.dz) : nullptr;
-    gate_steps({T, ch.D, u, z, s.y.data(), dout, s.dy.data(), dz, &dD});
-    const float* dy = z ? s.dy.data() : dout;
-    if (z) steps_out_done(p.dz, p.z.dtype, ch.dense + t0, T, dz);
+    const float* dy = gate_backward(p, ch, t0, T, u, s.y.data(), s, &dD);
 
     // This channel's group rows of the thread's partial dB/dC, from step t0.
     auto part_rows = [&](float* part, const Rows& rows) {
@@ -989,10 +999,7 @@ void pack_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int 
       const Channel& ch = pk.ch[i];
       float* carry = p.carries + ((static_cast<int64_t>(b) * p.dim + ch.d) * n_chunks + c) * N;
       std::copy_n(h + i * w, N, carry);
-      const float* z = p.z.data ? steps_in(p.z, b * p.z.stride0 + ch.d * p.z.stride1 + t0, T, ps.channels[i].z)
-                                : nullptr;
-      gate_steps({T, ch.D, u[i], z, y[i], nullptr, nullptr, nullptr, nullptr});
-      steps_out_done(p.out, p.u.dtype, ch.dense + t0, T, y[i]);
+      gate_forward(p, ch, t0, T, u[i], y[i], ps.channels[i]);
     }
   }
 }
@@ -1028,21 +1035,9 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
     for (int i = 0; i < pk.G; ++i) y[i] = i < pk.n ? ps.channels[i].y.data() : ps.discard.data();
     fold_lanes({lanes, T, w, y});
 
-    // Through each channel's z gate and D skip: dy is the gradient of Σ_n C h.
     const float* dy[8];
     for (int i = 0; i < pk.G; ++i) {
-      if (i >= pk.n) {
-        dy[i] = ps.zeros.data();
-        continue;
-      }
-      const Channel& ch = pk.ch[i];
-      Scratch& s = ps.channels[i];
-      const float* dout = steps_in(p.dout, b * p.dout.stride0 + ch.d * p.dout.stride1 + t0, T, s.dout);
-      const float* z = p.z.data ? steps_in(p.z, b * p.z.stride0 + ch.d * p.z.stride1 + t0, T, s.z) : nullptr;
-      float* dz = z ? steps_out(p.dz, p.z.dtype, ch.dense + t0, s.dz) : nullptr;
-      gate_steps({T, ch.D, u[i], z, s.y.data(), dout, s.dy.data(), dz, &dD[i]});
-      dy[i] = z ? s.dy.data() : dout;
-      if (z) steps_out_done(p.dz, p.z.dtype, ch.dense + t0, T, dz);
+      dy[i] = i < pk.n ? gate_backward(p, pk.ch[i], t0, T, u[i], y[i], ps.channels[i], &dD[i]) : ps.zeros.data();
     }
 
     // The pack's group rows of the thread's partial dB/dC from step t0, or its invariant lanes.
