@@ -1123,9 +1123,9 @@ void reduce_partials(const std::vector<float>& parts, int64_t part_size, int thr
 }  // namespace
 
 void scan_fwd(const ScanParams& p) {
-  const int w = pack_width(p);
-  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, w ? w : round8(p.dstate), p);
-  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, w ? w : round8(p.dstate), p);
+  const int w = pack_width(p), width = w ? w : round8(p.dstate);  // a channel's lanes in the B/C rows
+  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, width, p);
+  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, width, p);
   // Tasks: (batch, channel) pairs, or (batch, pack of 8 / w channels) with packing.
   const int per_task = w ? 8 / w : 1, tasks_per_batch = (p.dim + per_task - 1) / per_task;
   const int64_t tasks = static_cast<int64_t>(p.batch) * tasks_per_batch;
@@ -1149,9 +1149,9 @@ void scan_fwd(const ScanParams& p) {
 }
 
 void scan_bwd(const ScanParams& p) {
-  const int N = p.dstate, L = p.seqlen, w = pack_width(p);
-  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, w ? w : round8(N), p);
-  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, w ? w : round8(N), p);
+  const int N = p.dstate, L = p.seqlen, w = pack_width(p), width = w ? w : round8(N);
+  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, width, p);
+  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, width, p);
   std::fill_n(p.dA, static_cast<int64_t>(p.dim) * N, 0.0f);
   if (!p.b_variable) std::fill_n(static_cast<float*>(p.dB), static_cast<int64_t>(p.dim) * N, 0.0f);
   if (!p.c_variable) std::fill_n(static_cast<float*>(p.dC), static_cast<int64_t>(p.dim) * N, 0.0f);
