@@ -130,3 +130,12 @@ def test_install_is_idempotent_and_uninstall_restores() -> None:
     assert all(getattr(modeling_mamba, name) is routed[name] for name in routed)
     bridge.uninstall()
     assert all(getattr(modeling_mamba, name) is before[name] for name in before)
+
+
+def test_install_refuses_old_modelling_code_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The second module lacks a function (as transformers < 5 would): the first must not be left half routed.
+    before = {name: getattr(modeling_mamba, name) for name in bridge.OURS}
+    monkeypatch.delattr(modeling_falcon_mamba, "mamba_selective_state_update")
+    with pytest.raises(ImportError, match="has no mamba_selective_state_update"):
+        bridge.install()
+    assert all(getattr(modeling_mamba, name) is before[name] for name in before)

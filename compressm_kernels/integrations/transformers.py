@@ -131,12 +131,13 @@ def install() -> dict[str, str]:
     if not modules:
         raise ImportError("compressm_kernels.integrations.transformers needs transformers with its Mamba models "
                           "(pip install 'transformers>=5')")
-    done = {}
-    for module in modules:
+    for module in modules:  # every module checked before any is changed
         missing = [name for name in OURS if not callable(getattr(module, name, None))]
         if missing:
             raise ImportError(f"{module.__name__} has no {', '.join(missing)}: this integration follows transformers "
                               f">= 5's Mamba code (installed: {importlib.import_module('transformers').__version__})")
+    done = {}
+    for module in modules:
         for name, ours in OURS.items():
             current = getattr(module, name)
             if not hasattr(current, _MARK):
