@@ -183,7 +183,7 @@ def test_fast_path_updates_strided_states_in_place(layout: str) -> None:
         assert torch.equal(cache[..., 1::2], before[..., 1::2])
 
 
-@pytest.mark.parametrize("backend", ["auto", "cpu"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
 @pytest.mark.parametrize(("change", "error", "message"), [
     ({"x": torch.randn(2, 5)}, ValueError, r"x must have shape \(Bt, D\)"),
     ({"dt": torch.randn(3, 6)}, ValueError, r"dt must have shape \(Bt, D\)"),
@@ -191,7 +191,11 @@ def test_fast_path_updates_strided_states_in_place(layout: str) -> None:
     ({"A": torch.randn(6, 4)}, ValueError, r"A must have shape \(D, N\)"),
     ({"B": torch.randn(2, 4, 5)}, ValueError, r"B must have shape \(Bt, N\)"),
     ({"C": torch.randn(2, 4)}, ValueError, r"C must have shape \(Bt, N\)"),
+    ({"B": torch.randint(0, 3, (2, 5))}, TypeError, "B must be fp32/fp16/bf16/fp64, got torch.int64"),
+    ({"C": torch.randint(0, 3, (2, 5))}, TypeError, "C must be fp32/fp16/bf16/fp64, got torch.int64"),
     ({"D": torch.randn(5)}, ValueError, r"D must have shape \(D,\)"),
+    ({"D": torch.ones(6, dtype=torch.int32)}, TypeError, "D must be fp32/fp16/bf16/fp64, got torch.int32"),
+    ({"dt_bias": torch.ones(6, dtype=torch.bool)}, TypeError, "dt_bias must be fp32/fp16/bf16/fp64, got torch.bool"),
     ({"dt_bias": torch.randn(6, 1)}, ValueError, r"dt_bias must have shape \(D,\)"),
     ({"x": torch.randn(2, 6, device="meta")}, ValueError, "x is on meta but state is on cpu"),
     ({"B": "B"}, TypeError, "B must be a torch.Tensor"),
@@ -206,6 +210,20 @@ def test_fast_path_rejects_bad_inputs_and_changes_nothing(backend: str, change: 
     with pytest.raises(error, match=message):
         selective_state_update(**dict(inputs, **change), backend=backend)
     assert torch.equal(state, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=str)
+def test_half_precision_skip_and_bias_run_on_the_kernel(dtype: torch.dtype) -> None:
+    # A model kept in fp16/bf16 passes D and dt_bias in its dtype, as mamba_ssm's step allows; the kernel reads
+    # them as fp32, an exact upcast, so the step equals the one given their fp32 values.
+    inputs = _step_inputs(dim=70, dstate=12)
+    half = dict(inputs, D=inputs["D"].to(dtype), dt_bias=inputs["dt_bias"].to(dtype))
+    exact = dict(inputs, D=half["D"].float(), dt_bias=half["dt_bias"].float())
+    state, exact_state = inputs["state"].clone(), inputs["state"].clone()
+    out = selective_state_update(**dict(half, state=state), backend="cpu")
+    expected = selective_state_update(**dict(exact, state=exact_state), backend="cpu")
+    assert torch.equal(out, expected)
+    assert torch.equal(state, exact_state)
 
 
 def test_fast_path_refusal_falls_back_to_the_reference_for_auto() -> None:

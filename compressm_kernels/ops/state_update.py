@@ -53,6 +53,8 @@ def check_state_update_inputs(
     if A.dtype not in PARAM_DTYPES:
         raise TypeError(f"A must be fp32 or fp64, got {A.dtype}")
     for name, t in (("B", B), ("C", C)):
+        if t.dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"{name} must be fp32/fp16/bf16/fp64, got {t.dtype}")
         ok = (t.dim() == 2 and tuple(t.shape) == (batch, dstate)) or (
             t.dim() == 3 and t.shape[0] == batch and t.shape[2] == dstate and t.shape[1] >= 1 and dim % t.shape[1] == 0
         )
@@ -62,8 +64,12 @@ def check_state_update_inputs(
                 f"got {_shape(t)}"
             )
     for name, t in (("D", D), ("dt_bias", dt_bias)):
-        if t is not None and tuple(t.shape) != (dim,):
+        if t is None:
+            continue
+        if tuple(t.shape) != (dim,):
             raise ValueError(f"{name} must have shape (D,) = ({dim},), got {_shape(t)}")
+        if t.dtype not in ACTIVATION_DTYPES:  # as mamba_ssm's step: a half-precision model passes its own
+            raise TypeError(f"{name} must be fp32/fp16/bf16/fp64, got {t.dtype}")
     if state_mask is not None:
         if state_mask.dtype != torch.bool:
             raise TypeError(f"state_mask must have dtype bool, got {state_mask.dtype}")
@@ -73,6 +79,12 @@ def check_state_update_inputs(
                     ("state_mask", state_mask)):
         if t is not None and t.device != state.device:
             raise ValueError(f"{name} is on {t.device} but state is on {state.device}; all inputs must share a device")
+
+
+def _half_as_f32(t: Tensor | None) -> Tensor | None:
+    """A fp16/bf16 ``(D,)`` parameter as fp32 (exact): the C++ step reads D and dt_bias in fp32, and a model kept
+    in half precision passes its own, as mamba_ssm's step allows."""
+    return t.float() if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _per_channel(t: Tensor, dim: int) -> Tensor:
@@ -141,7 +153,7 @@ def selective_state_update(
         x, dt: ``(Bt, D)`` input and step size (before bias/softplus).
         A: ``(D, N)`` fp32.
         B, C: ``(Bt, N)`` or grouped ``(Bt, G, N)``.
-        D, dt_bias: optional ``(D,)``; z: optional ``(Bt, D)`` gate.
+        D, dt_bias: optional ``(D,)``, any float dtype; z: optional ``(Bt, D)`` gate.
         dt_softplus: apply softplus to ``dt + dt_bias``.
         state_mask: optional bool ``(N,)`` or ``(D, N)``; masked states are set to 0 and contribute nothing
             (with a per-channel mask the C++ kernel visits kept states only).
@@ -154,6 +166,7 @@ def selective_state_update(
     goes straight to the C++ kernel, whose checks run before anything is written; any input it refuses
     takes the full path below, which raises the precise error or picks the reference.
     """
+    D, dt_bias = _half_as_f32(D), _half_as_f32(dt_bias)
     if state_mask is None and (backend == "auto" or backend == "cpu"):
         out = cpu_backend.try_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         if out is not None:
