@@ -215,3 +215,16 @@ def test_decode_step_routes_and_bad_inputs() -> None:
     with pytest.raises(TypeError, match="conv_state must be float32"):
         ext.conv1d_update(x, state.double(), weight, bias, True)
     assert torch.equal(state, before)
+
+
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["cpp_step", "torch_step"])
+def test_decode_step_refuses_an_expanded_state(needs_grad: bool) -> None:
+    # An expand()ed conv_state (the batch axis at stride 0) would have both batch rows written to the same memory.
+    gen = torch.Generator().manual_seed(7)
+    x, weight = torch.randn(2, 3, generator=gen), torch.randn(3, 4, generator=gen).requires_grad_(needs_grad)
+    base = torch.randn(1, 3, 4, generator=gen)
+    before = base.clone()
+    message = r"conv_state is updated in place but has overlapping memory.*strides \[0, 4, 1\]; pass a clone\(\)"
+    with pytest.raises(ValueError, match=message):
+        causal_conv1d_update(x, base.expand(2, 3, 4), weight, None, "silu")
+    assert torch.equal(base, before)

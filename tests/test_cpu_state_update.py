@@ -212,6 +212,22 @@ def test_fast_path_rejects_bad_inputs_and_changes_nothing(backend: str, change: 
     assert torch.equal(state, before)
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_expanded_state_is_refused_and_left_alone(backend: str) -> None:
+    # An expand()ed state (the batch axis at stride 0) would have both batch rows written to the same memory.
+    inputs = _step_inputs(dstate=5)
+    base = inputs["state"][:1].clone()
+    before = base.clone()
+    message = (r"state is updated in place but has overlapping memory \(an expand\(\)ed tensor\?\), "
+               r"strides \[0, 5, 1\]; pass a clone\(\)")
+    with pytest.raises(ValueError, match=message):
+        selective_state_update(**dict(inputs, state=base.expand(2, 6, 5)), backend=backend)
+    with pytest.raises(ValueError, match=message):  # the kernel's own check
+        cpu.selective_state_update_cpu(base.expand(2, 6, 5), *(inputs[k] for k in ("x", "dt", "A", "B", "C")),
+                                       None, None, None, None, None, False)
+    assert torch.equal(base, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=str)
 def test_half_precision_skip_and_bias_run_on_the_kernel(dtype: torch.dtype) -> None:
     # A model kept in fp16/bf16 passes D and dt_bias in its dtype, as mamba_ssm's step allows; the kernel reads

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import conv1d_cpu
+from .selective_scan.inputs import check_writable
 
 try:  # causal-conv1d imports only with its CUDA extension
     from causal_conv1d import causal_conv1d_fn as _cuda_conv
@@ -81,6 +82,7 @@ def causal_conv1d_update_torch(
     if conv_state.shape[:2] != x3.shape[:2] or keep < width - 1:
         raise ValueError(f"conv_state must have shape (Bt, D, S >= W - 1) = ({x3.shape[0]}, {x3.shape[1]}, "
                          f">= {width - 1}), got {tuple(conv_state.shape)}")
+    check_writable("conv_state", conv_state)
     window = torch.cat([conv_state.to(x3.dtype), x3], dim=-1)  # (Bt, D, S + T)
     conv_state.copy_(window[..., -keep:])
     out = causal_conv1d_torch(x3, weight, bias, activation, initial_states=window[..., keep - width + 1: keep])

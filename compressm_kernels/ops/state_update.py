@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .selective_scan import cpu as cpu_backend
-from .selective_scan.inputs import ACTIVATION_DTYPES, PARAM_DTYPES
+from .selective_scan.inputs import ACTIVATION_DTYPES, PARAM_DTYPES, check_writable
 
 
 def _shape(t: Tensor) -> str:
@@ -41,6 +41,7 @@ def check_state_update_inputs(
     batch, dim, dstate = state.shape
     if not state.is_floating_point():
         raise TypeError(f"state must be a floating tensor, got {state.dtype}")
+    check_writable("state", state)
     for name, t in (("x", x), ("dt", dt), ("z", z)):
         if t is None:
             continue

@@ -1,5 +1,6 @@
 // compressm_kernels._C: the tensor side of the CPU kernels (checks, allocation, params). The only file
 // that includes torch's headers; the kernels take raw pointers (scan_cpu.h).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -46,6 +47,14 @@ DType dtype_of(const Tensor& t, const char* name) {
 
 void check_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+// A tensor the kernel updates in place: an expand()ed one (stride 0 along an axis longer than 1) would have several
+// channels, and threads, writing the same memory.
+void check_writable(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+                    " is updated in place but has overlapping memory (an expand()ed tensor?), strides ", t.strides(),
+                    "; pass a clone()");
 }
 
 // A float32 parameter of the given shape, made contiguous.
@@ -220,6 +229,7 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
   TORCH_CHECK_VALUE(state.dim() == 3, "state must have shape (Bt, D, N), got ", shape_of(state));
   const int64_t batch = state.size(0), dim = state.size(1), dstate = state.size(2);
   TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxState, "state must have 1 <= N <= ", kMaxState, ", got N=", dstate);
+  check_writable(state, "state");
   compressm::cpu::StateUpdateParams p;
   p.batch = batch, p.dim = dim, p.dstate = dstate;
   p.dt_softplus = dt_softplus;
@@ -326,6 +336,7 @@ Tensor conv1d_update(const Tensor& x, const Tensor& conv_state, const Tensor& we
                         conv_state.size(2) >= width - 1,
                     "conv_state must have shape (Bt, D, S >= W - 1) = (", batch, ", ", dim, ", >= ", width - 1,
                     "), got ", shape_of(conv_state));
+  check_writable(conv_state, "conv_state");
   compressm::cpu::Conv1dUpdateParams p;
   p.batch = batch, p.dim = dim, p.width = width, p.keep = conv_state.size(2);
   p.silu = silu;

@@ -75,6 +75,14 @@ def _check_dtype(name: str, t: Tensor, allowed: tuple[torch.dtype, ...]) -> None
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
 
 
+def check_writable(name: str, t: Tensor) -> None:
+    """A tensor an op updates in place (a decode state): an ``expand()``ed one, stride 0 along an axis longer
+    than 1, would have several channels writing the same memory."""
+    if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True)):
+        raise ValueError(f"{name} is updated in place but has overlapping memory (an expand()ed tensor?), strides "
+                         f"{list(t.stride())}; pass a clone()")
+
+
 def _check_bc(name: str, t: Tensor, batch: int, dim: int, seqlen: int, dstate: int) -> None:
     """B/C: time-invariant (D, N), variable (Bt, N, L) or grouped (Bt, G, N, L) with D % G == 0."""
     if t.dim() == 2:
