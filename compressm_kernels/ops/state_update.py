@@ -82,12 +82,6 @@ def check_state_update_inputs(
             raise ValueError(f"{name} is on {t.device} but state is on {state.device}; all inputs must share a device")
 
 
-def _half_as_f32(t: Tensor | None) -> Tensor | None:
-    """A fp16/bf16 ``(D,)`` parameter as fp32 (exact): the C++ step reads D and dt_bias in fp32, and a model kept
-    in half precision passes its own, as mamba_ssm's step allows."""
-    return t.float() if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def _per_channel(t: Tensor, dim: int) -> Tensor:
     """B/C ``(Bt, N)`` or grouped ``(Bt, G, N)`` as ``(Bt, D, N)`` (or broadcastable)."""
     if t.dim() == 2:
@@ -167,7 +161,6 @@ def selective_state_update(
     goes straight to the C++ kernel, whose checks run before anything is written; any input it refuses
     takes the full path below, which raises the precise error or picks the reference.
     """
-    D, dt_bias = _half_as_f32(D), _half_as_f32(dt_bias)
     if state_mask is None and (backend == "auto" or backend == "cpu"):
         out = cpu_backend.try_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         if out is not None:

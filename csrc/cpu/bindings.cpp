@@ -252,9 +252,14 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
   }
   Tensor A_c = param(A, "A", {dim, dstate});
   p.A = A_c.data_ptr<float>();
+  // As mamba_ssm's step, D and dt_bias may come in a half-precision model's dtype: read as fp32 (exact).
+  auto upcast_half = [](const OptTensor& t) -> OptTensor {
+    const bool half = t.has_value() && (t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16);
+    return half ? OptTensor(t->to(at::kFloat)) : t;
+  };
   OptTensor D_c, bias_c;
-  p.D = opt_param(D, "D", {dim}, D_c);
-  p.dt_bias = opt_param(dt_bias, "dt_bias", {dim}, bias_c);
+  p.D = opt_param(upcast_half(D), "D", {dim}, D_c);
+  p.dt_bias = opt_param(upcast_half(dt_bias), "dt_bias", {dim}, bias_c);
   Tensor ranks_c, kept_c;
   TORCH_CHECK_VALUE(ranks.has_value() == kept.has_value(), "ranks and kept must be given together");
   if (ranks.has_value()) {

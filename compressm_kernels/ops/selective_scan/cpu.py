@@ -209,7 +209,7 @@ def state_update_unavailable_reason(tensors: dict[str, Tensor | None]) -> str | 
     for name, t in tensors.items():
         if t is None:
             continue
-        allowed = (torch.float32,) if name in ("A", "D", "dt_bias") else _DTYPES
+        allowed = (torch.float32,) if name == "A" else _DTYPES
         if t.dtype not in allowed:
             names = "/".join(str(d).replace("torch.", "") for d in allowed)
             return f"{name} is {str(t.dtype).replace('torch.', '')}; the C++ decode step takes {names}"
