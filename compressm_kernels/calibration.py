@@ -33,12 +33,15 @@ def mixer_kind(module: nn.Module) -> str | None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers (only those: any model
+    may have a submodule called ``module``)."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
             return model
-        model = inner
 
 
 def find_mixers(model: nn.Module) -> dict[str, nn.Module]:
@@ -149,7 +152,7 @@ def calibrate(model: nn.Module, calib: Iterable[Any], *, scale: Scale = "input",
         raise ValueError("model contains no Mamba-1 mixer (modules with in_proj, conv1d, x_proj, dt_proj, A_log)")
     forward = forward or default_forward
     accumulators = {name: HankelAccumulator(scale) for name in mixers}
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # model.train() would set them all alike
     model.eval()
     seen = 0
     try:
@@ -158,7 +161,8 @@ def calibrate(model: nn.Module, calib: Iterable[Any], *, scale: Scale = "input",
                 forward(model, batch)
                 seen += 1
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     if seen == 0:
         raise ValueError("calib yielded no batch: calibration data must be a non-empty iterable of model inputs")
     return accumulators

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .calibration import calibrate, find_mixers, mixer_kind, state_mask_of, unwrap
 from .hankel import HankelAccumulator, Scale
+from .modules.mamba import validated_keep
 from .modules.parameters import reseat_parameter
 from .plan import CompressionPlan, LayerPlan, Mode, check_selection, plan_layer
 
@@ -279,6 +280,10 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, optimizer: torch.optim.O
         if mixers[lp.name].A_log.shape[1] != lp.n_before:
             n = mixers[lp.name].A_log.shape[1]
             raise ValueError(f"stale plan: {lp.name} has N={n}, the plan expects {lp.n_before}")
+        try:  # every kind of mixer, before anything changes (indexing would repeat a state or fail midway)
+            validated_keep(lp.keep, lp.n_before)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{lp.name}: {err}") from None
     changes = plan.changes
     _check_hf_caches(mixers, {lp.name: int(lp.keep.numel()) for lp in changes}, [lp.name for lp in changes])
     configs = [getattr(mixers[lp.name], "config", None) for lp in changes]

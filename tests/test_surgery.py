@@ -206,6 +206,44 @@ def test_bad_arguments_change_nothing(kwargs, match) -> None:
     assert_same_tensors(before, tensors_of(model, opt))
 
 
+@pytest.mark.parametrize(("keep", "error", "match"), [
+    (torch.tensor([0, 0, 1]), ValueError, "keep indices must be unique"),
+    (torch.tensor([], dtype=torch.long), ValueError, "non-empty 1-D"),
+    (torch.tensor([0, 8]), ValueError, r"keep indices must lie in \[0, 8\)"),
+    (torch.tensor([0.0, 1.0]), TypeError, "integer tensor"),
+], ids=["repeated", "empty", "out_of_range", "float"])
+def test_bad_keep_in_a_plan_changes_nothing(keep, error, match) -> None:
+    # transformers' mixers are sliced by indexing, which would repeat a state or leave none: checked up front.
+    model, opt = _trained(1)
+    plan = plan_compression(model, token_batches(1), rank=3)
+    bad = dataclasses.replace(plan, layers=[dataclasses.replace(plan.layers[0], keep=keep), *plan.layers[1:]])
+    before = tensors_of(model, opt)
+    with pytest.raises(error, match=f"backbone.layers.0.mixer: .*{match}"):
+        apply_plan(model, bad, opt)
+    assert_same_tensors(before, tensors_of(model, opt))
+
+
+def test_planning_leaves_every_module_in_its_mode() -> None:
+    # Calibration runs the model in eval mode; each module must come back in its own mode (model.train(flag)
+    # would set them all alike and wake a block the user froze in eval mode).
+    model, _ = _trained(1)
+    model.train()
+    model.backbone.layers[0].eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    plan_compression(model, token_batches(1), tau=0.2)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+
+def test_only_real_wrappers_are_unwrapped() -> None:
+    # DataParallel and torch.compile wrap a model; an ordinary submodule called "module" does not.
+    model = hf_mamba()
+    model.module = torch.nn.Linear(2, 2)
+    names = ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
+    assert list(find_mixers(model)) == names
+    assert list(find_mixers(torch.nn.DataParallel(model))) == names
+    assert list(find_mixers(torch.compile(model))) == names
+
+
 def test_empty_calibration_and_no_mixers() -> None:
     model, opt = _trained(1)
     with pytest.raises(ValueError, match="non-empty"):

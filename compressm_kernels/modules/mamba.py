@@ -28,6 +28,23 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+
+def validated_keep(keep: Tensor, n: int) -> Tensor:
+    """``keep`` as int64 indices into ``n`` states, after checking it is a non-empty 1-D integer tensor of unique
+    indices in [0, n) (``TypeError``/``ValueError`` naming it otherwise). Shared by every way of cutting states."""
+    if not isinstance(keep, Tensor):
+        raise TypeError(f"keep must be an integer tensor of state indices, got {type(keep).__name__}")
+    if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
+        raise TypeError(f"keep must be an integer tensor of state indices, got dtype {keep.dtype}")
+    if keep.dim() != 1 or keep.numel() == 0:
+        raise ValueError(f"keep must be a non-empty 1-D tensor of state indices, got shape {_shape(keep)}")
+    keep = keep.long()
+    if int(keep.min()) < 0 or int(keep.max()) >= n:
+        raise ValueError(f"keep indices must lie in [0, {n}), got min {int(keep.min())}, max {int(keep.max())}")
+    if keep.unique().numel() != keep.numel():
+        raise ValueError("keep indices must be unique")
+    return keep
+
 class Mamba(nn.Module):
     """Mamba-1 mixer ``(Bt, L, d_model) -> (Bt, L, d_model)`` with a reducible state.
 
@@ -174,17 +191,7 @@ class Mamba(nn.Module):
         caches. Atomic: everything is validated before anything changes.
         """
         n = self.d_state
-        if not isinstance(keep, Tensor):
-            raise TypeError(f"keep must be an integer tensor of state indices, got {type(keep).__name__}")
-        if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
-            raise TypeError(f"keep must be an integer tensor of state indices, got dtype {keep.dtype}")
-        if keep.dim() != 1 or keep.numel() == 0:
-            raise ValueError(f"keep must be a non-empty 1-D tensor of state indices, got shape {_shape(keep)}")
-        keep = keep.to(device=self.A_log.device, dtype=torch.long)
-        if int(keep.min()) < 0 or int(keep.max()) >= n:
-            raise ValueError(f"keep indices must lie in [0, {n}), got min {int(keep.min())}, max {int(keep.max())}")
-        if keep.unique().numel() != keep.numel():
-            raise ValueError("keep indices must be unique")
+        keep = validated_keep(keep, n).to(self.A_log.device)
         rank = self.dt_rank
         if tuple(self.x_proj.weight.shape[:1]) != (rank + 2 * n,):
             raise RuntimeError(f"x_proj has {self.x_proj.weight.shape[0]} rows, expected dt_rank + 2·N = "
