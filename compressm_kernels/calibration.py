@@ -45,10 +45,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def find_mixers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Mamba-1 mixer in ``model`` by qualified name (wrappers unwrapped), outermost first."""
+    """Every Mamba-1 mixer in ``model`` by qualified name (wrappers unwrapped), outermost first.
+
+    Raises ``ValueError`` for a Falcon-Mamba mixer, whose states cannot be cut one by one (below).
+    """
     found: dict[str, nn.Module] = {}
     for name, module in unwrap(model).named_modules():
         if mixer_kind(module) is not None and not any(name.startswith(f"{p}.") for p in found):
+            if hasattr(module, "b_layernorm") or hasattr(module, "c_layernorm"):
+                raise ValueError(f"{name or 'the model'} is a Falcon-Mamba mixer: it RMS-normalizes B and C over the "
+                                 "state axis, so cutting states would change the ones kept and its Hankel energies "
+                                 "are not those of its states; compression does not support it (our kernels do, "
+                                 "through compressm_kernels.integrations.transformers)")
             found[name] = module
     return found
 

@@ -244,6 +244,19 @@ def test_only_real_wrappers_are_unwrapped() -> None:
     assert list(find_mixers(torch.compile(model))) == names
 
 
+def test_falcon_mamba_is_refused_with_the_reason() -> None:
+    # Falcon-Mamba RMS-normalizes B and C over the state axis: a cut would change the kept states.
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=24, hidden_size=16, state_size=8,
+                                                     num_hidden_layers=2, expand=2, conv_kernel=4, time_step_rank=2))
+    before = tensors_of(model, None)
+    with pytest.raises(ValueError, match=r"backbone\.layers\.0\.mixer is a Falcon-Mamba mixer: it RMS-normalizes B"):
+        compress_model(model, token_batches(1), tau=0.2)
+    assert_same_tensors(before, tensors_of(model, None))
+
+
 def test_empty_calibration_and_no_mixers() -> None:
     model, opt = _trained(1)
     with pytest.raises(ValueError, match="non-empty"):
