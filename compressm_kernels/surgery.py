@@ -324,8 +324,14 @@ def compress_model(model: nn.Module, calib: Iterable[Any] | Mapping[str, HankelA
 
 
 def state_sizes(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
-    """Per-mixer state size N read from a state dict (``<mixer>.A_log`` is ``(D, N)``)."""
-    return {k[: -len(".A_log")]: v.shape[1] for k, v in state_dict.items() if k.endswith(".A_log") and v.dim() == 2}
+    """Per-mixer state size N read from a state dict (``<mixer>.A_log`` is ``(D, N)``; ``A_log`` when the model is
+    the mixer itself, named ``""``)."""
+    sizes = {}
+    for key, value in state_dict.items():
+        name, _, leaf = key.rpartition(".")
+        if leaf == "A_log" and value.dim() == 2:
+            sizes[name] = value.shape[1]
+    return sizes
 
 
 def resize_for_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, int]:
@@ -359,11 +365,6 @@ def resize_for_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
                        None)  # type: ignore[arg-type]
         _apply_layer(mixer, lp)
     _fix_configs(mixers, changed)
-    mask_key = "state_mask"
-    for name, mixer in mixers.items():
-        mask = state_dict.get(f"{name}.{mask_key}")
-        if mask is not None and hasattr(mixer, "set_state_mask"):
-            mixer.set_state_mask(mask.to(mixer.A_log.device))
     return changed
 
 

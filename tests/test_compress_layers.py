@@ -94,6 +94,44 @@ def test_ours_checkpoint_round_trip() -> None:
         torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
 
 
+def test_channel_mode_checkpoint_round_trip() -> None:
+    # A channel-mode cut lives in the layers' masks: the documented recipe must bring them back (it lost them
+    # while the mask buffer was not saved), and loading a mask-free state dict clears a layer's mask.
+    model = TinyLM()
+    compress_model(model, token_batches(2, seed=5), tau=0.3, mode="channel")
+    masks = {name: layer.state_mask for name, layer in model.named_modules() if getattr(layer, "state_mask", None)
+             is not None}
+    assert masks
+    fresh = TinyLM(seed=4)
+    state_dict = model.state_dict()
+    resize_for_state_dict(fresh, state_dict)
+    fresh.load_state_dict(state_dict)
+    for name, mask in masks.items():
+        assert torch.equal(fresh.get_submodule(name).state_mask, mask)
+    ids = token_batches(1, seed=8)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
+    fresh.load_state_dict(TinyLM(seed=4).state_dict())
+    assert all(layer.state_mask is None for layer in fresh.layers)
+
+
+def test_bare_mixer_checkpoint_round_trip() -> None:
+    # The model is the mixer itself: its A_log key has no prefix.
+    from mamba_ssm.modules.mamba_simple import Mamba as StockMamba
+
+    torch.manual_seed(0)
+    mixer = StockMamba(d_model=16, d_state=8)
+    compress_model(mixer, [torch.randn(2, 12, 16)], rank=3)
+    assert mixer.A_log.shape[1] == 3
+    torch.manual_seed(1)
+    fresh = StockMamba(d_model=16, d_state=8)
+    assert resize_for_state_dict(fresh, mixer.state_dict()) == {"": 3}
+    fresh.load_state_dict(mixer.state_dict())
+    h = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(h), mixer(h), rtol=0, atol=0)
+
+
 def test_mamba_ssm_lm_head_model_cut_generate() -> None:
     cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=VOCAB, ssm_cfg={"d_state": 8}, rms_norm=False,
                       fused_add_norm=False)
