@@ -102,6 +102,9 @@ class _Snapshot:
             for m in root.modules():
                 params = {n: (p, p.data, p.grad) for n, p in m._parameters.items() if p is not None}
                 self.modules.append((m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), params))
+        # compressm's layer resizes and masks its live decode caches in place: their contents, copied.
+        self.caches = [(cache, cache.data.clone()) for m, *_ in self.modules if hasattr(m, "_live_caches")
+                       for cache in m._live_caches()]
         self.extra = [(obj, dict(obj.__dict__)) for obj in extra]
         self.optimizer = optimizer
         self.opt_state = None if optimizer is None else {p: optimizer.state[p] for p in list(optimizer.state)}
@@ -120,6 +123,9 @@ class _Snapshot:
             m._parameters.update(params)
             m._buffers.clear()
             m._buffers.update(buffers)
+        for cache, data in self.caches:
+            with torch.inference_mode(cache.is_inference()):
+                cache.data = data
         for obj, attrs in self.extra:
             obj.__dict__.clear()
             obj.__dict__.update(attrs)

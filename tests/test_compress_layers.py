@@ -94,6 +94,44 @@ def test_ours_checkpoint_round_trip() -> None:
         torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["shared", "channel"])
+def test_failed_cut_and_undo_restore_the_live_decode_caches(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The layer resizes (shared) or masks (channel) the decode caches it handed out; a cut that fails midway, or
+    # an undo, must give them back as they were, so that decoding goes on.
+    import compressm_kernels.surgery as surgery
+
+    model = TinyLM()
+    gen = torch.Generator().manual_seed(3)
+    caches = [layer.allocate_inference_cache(2, 8) for layer in model.layers]
+    for _, ssm_state in caches:
+        ssm_state.copy_(torch.randn(ssm_state.shape, generator=gen))
+    before = [ssm_state.clone() for _, ssm_state in caches]
+    calib = token_batches(2, seed=5)
+    rule = dict(tau=0.3) if mode == "channel" else dict(rank=3)
+    real, calls = surgery._apply_layer, []
+
+    def flaky(mixer, lp):
+        calls.append(lp.name)
+        real(mixer, lp)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(surgery, "_apply_layer", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        compress_model(model, calib, mode=mode, **rule)
+    monkeypatch.undo()
+    for (_, ssm_state), saved in zip(caches, before, strict=True):
+        assert torch.equal(ssm_state, saved)
+    report = compress_model(model, calib, mode=mode, **rule)
+    assert report.changed and any(not torch.equal(s, b) for (_, s), b in zip(caches, before, strict=True))
+    report.undo()
+    for (_, ssm_state), saved in zip(caches, before, strict=True):
+        assert torch.equal(ssm_state, saved)
+    h = torch.randn(2, 1, 16)
+    for layer, (conv_state, ssm_state) in zip(model.layers, caches, strict=True):
+        layer.step(h, conv_state, ssm_state)  # decoding goes on with them
+
+
 def test_channel_mode_checkpoint_round_trip() -> None:
     # A channel-mode cut lives in the layers' masks: the documented recipe must bring them back (it lost them
     # while the mask buffer was not saved), and loading a mask-free state dict clears a layer's mask.
