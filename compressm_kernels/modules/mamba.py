@@ -52,9 +52,9 @@ class Mamba(nn.Module):
     ``in_proj (2·d_inner, d_model)``, ``conv1d (d_inner, 1, d_conv)``, ``x_proj (dt_rank + 2·N, d_inner)``
     with rows ``[dt | B | C]``, ``dt_proj (d_inner, dt_rank)`` + bias, ``A_log (d_inner, N)``, ``D (d_inner,)``,
     ``out_proj (d_model, d_inner)``. ``N`` is :attr:`d_state`, the *current* state size.
-    The optional ``state_mask`` buffer is saved in state dicts when set, and loading a state dict adopts its
-    mask or clears ours; an unmasked layer's state dict is mamba_ssm's. :meth:`reduce_state` makes a cut
-    permanent.
+    The optional ``state_mask`` buffer is saved in state dicts when set, and loading a state dict that holds
+    this layer adopts its mask or clears ours; an unmasked layer's state dict is mamba_ssm's.
+    :meth:`reduce_state` makes a cut permanent.
 
     ``checkpoint_lvl`` (keyword only) is what the fused path keeps for backward (see
     :func:`~compressm_kernels.ops.mamba_inner.mamba_inner_fn`): ``1`` only ``xz`` and the scan's outputs, so
@@ -226,9 +226,13 @@ class Mamba(nn.Module):
                 self.x_proj.weight.data = self.x_proj.weight.data.new_empty(x_proj.shape)
                 self.x_proj.out_features = x_proj.shape[0]
                 self.state_mask = None
-        # The checkpoint's mask (or none) replaces ours; the copy below fills it, shape-checked.
+        # A checkpoint of this layer brings its mask, or none: it replaces ours (the copy below fills it,
+        # shape-checked). A partial state dict without this layer's A_log leaves the mask alone.
         mask = state_dict.get(prefix + "state_mask")
-        self.state_mask = None if mask is None else torch.zeros(mask.shape, dtype=torch.bool, device=self.A_log.device)
+        if mask is not None:
+            self.state_mask = torch.zeros(mask.shape, dtype=torch.bool, device=self.A_log.device)
+        elif prefix + "A_log" in state_dict:
+            self.state_mask = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
