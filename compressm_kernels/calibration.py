@@ -10,7 +10,7 @@ same computation each mixer's forward does before its scan. The moments stream i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -138,6 +138,12 @@ def capture(mixers: dict[str, nn.Module], accumulators: dict[str, HankelAccumula
             h.remove()
 
 
+def _eager() -> AbstractContextManager:
+    """A block in which torch.compile'd code runs eagerly (torch >= 2.6; before that, a no-op)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
+
+
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on one calibration batch: a tensor, a dict of kwargs or a tuple of args."""
     if isinstance(batch, dict):
@@ -164,7 +170,8 @@ def calibrate(model: nn.Module, calib: Iterable[Any], *, scale: Scale = "input",
     model.eval()
     seen = 0
     try:
-        with capture(mixers, accumulators):
+        # Eagerly: a torch.compile'd graph does not call hooks added after it was compiled.
+        with capture(mixers, accumulators), _eager():
             for batch in calib:
                 forward(model, batch)
                 seen += 1

@@ -160,6 +160,11 @@ class CompreSSM:
                 return None
             if self.calib is not None:
                 source = calibrate(self.model, self.calib, scale=self.select["scale"], forward=self.forward)
+            elif all(acc.count is None for acc in source.values()):
+                self._record("skip", reason="the mixers' capture hooks saw no forward in the last calib_steps steps; "
+                             "a torch.compile'd model does not call hooks added after it compiled: pass calib= "
+                             "batches (calibration runs them eagerly)")
+                return None
             plan = plan_compression(self.model, source, **self.select)
         except ValueError as err:
             self._record("skip", reason=str(err))

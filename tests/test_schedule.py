@@ -46,6 +46,39 @@ def test_cut_mid_training_and_loss_keeps_falling() -> None:
     assert {"overlap", "spearman", "sizes"} <= set(cuts[-1])
 
 
+def test_compiled_model_cuts_with_calib_batches_and_says_why_without() -> None:
+    # A torch.compile'd graph does not call the capture hooks armed after it compiled: without calib= the attempt
+    # says so; with calib= the calibration runs eagerly and the cut happens.
+    for calib in (None, token_batches(2, seed=9)):
+        torch._dynamo.reset()
+        model = TinyLM(d_state=8)
+        model.compile(backend="eager")  # in place: even calling the module itself runs the compiled graph
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        sched = CompreSSM(model, opt, total_steps=10, rank=3, at=[0.6], calib_steps=2, calib=calib)
+        _loop(model, opt, sched, 10)
+        actions = [e["action"] for e in sched.log]
+        if calib is None:
+            assert actions == ["skip"] and "torch.compile'd model" in sched.log[0]["reason"], sched.log
+            assert {m.d_state for m in find_mixers(model).values()} == {8}
+        else:
+            assert actions == ["cut"], sched.log
+            assert {m.d_state for m in find_mixers(model).values()} == {3}
+
+
+def test_calibration_of_a_compiled_model_runs_eagerly() -> None:
+    # The graph compiled by an eval forward (same mode, same grad mode as calibration) has no hooks in it.
+    from compressm_kernels import plan_compression
+
+    torch._dynamo.reset()
+    model = TinyLM(d_state=8)
+    model.compile(backend="eager")
+    model.eval()
+    with torch.no_grad():
+        model(token_batches(1)[0])
+    plan = plan_compression(model, token_batches(2, seed=9), rank=3)
+    assert [lp.n_after for lp in plan.layers] == [3, 3]
+
+
 def test_waits_for_a_stable_ranking_or_says_so() -> None:
     model = TinyLM(d_state=8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
