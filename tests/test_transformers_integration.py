@@ -100,6 +100,39 @@ def test_install_matches_transformers_own_path(family: str, monkeypatch: pytest.
     _assert_same(got, want)
 
 
+def test_padded_training_batch_matches_transformers_own_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers' unfused code zeroes padded positions again after the conv; the fused path, given no attention
+    # mask, cannot. A padded training batch therefore takes the unfused path (on our conv and scan), and an
+    # unpadded one the fused path. A conv bias as a trained model has makes the difference show.
+    model = _model("mamba")
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.conv1d.bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+    model.train()
+    ids = _ids(batch=3, seqlen=12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[2, :1] = 0
+
+    def loss_and_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        logits = out.logits.detach().masked_fill(mask[..., None] == 0, 0.0)
+        return {"loss": out.loss.detach(), "logits": logits,
+                **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+    want = loss_and_grads()
+    calls = _count_our_calls(monkeypatch)
+    bridge.install()
+    got = loss_and_grads()
+    assert calls["mamba_inner_fn"] == 2 and calls["mamba_selective_scan"] == 2  # declined, then the unfused path
+    for name in want:
+        assert_close(got[name], want[name], F32, name)
+    model(_ids(batch=3, seqlen=12), attention_mask=torch.ones_like(ids))  # no padding: the fused path
+    assert calls["mamba_inner_fn"] == 4 and calls["mamba_selective_scan"] == 2
+
+
 def test_compacted_model_on_our_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     # A cut to 3 states per layer: the C++ scan packs two channels to a vector there.
     model = _model("mamba")

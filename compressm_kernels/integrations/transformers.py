@@ -23,6 +23,7 @@ take CPU tensors before them.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -38,6 +39,8 @@ from ..ops.state_update import selective_state_update
 
 MODULES = ("transformers.models.mamba.modeling_mamba", "transformers.models.falcon_mamba.modeling_falcon_mamba")
 _MARK = "__compressm_kernels_original__"  # on a router: the function it replaced
+# Whether the batch the current mixer forward started on has padding (see apply_mask_to_padding_states).
+_PADDED = contextvars.ContextVar("compressm_kernels_padded", default=False)
 
 
 def mamba_inner_fn(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None, x_proj_weight: Tensor,
@@ -50,11 +53,13 @@ def mamba_inner_fn(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None
     signal to take its unfused path) when B/C/Δ RMSNorm weights are given. Falcon-Mamba passes them, and there
     the fused kernel (mamba_ssm's, and ours, which follows it) normalizes Δ over D after ``dt_proj`` while
     transformers' own code normalizes the time step before it: the router keeps the math transformers computes
-    on this machine, so Falcon-Mamba trains through the unfused path, on our conv and scan.
+    on this machine, so Falcon-Mamba trains through the unfused path, on our conv and scan. So does a batch with
+    padding: transformers' unfused code zeroes the padded positions again after the conv, which the fused path
+    (given no attention mask) cannot.
 
     Recomputing the conv and Δ in the backward (mamba_ssm's ``checkpoint_lvl=1``) costs a CPU more time than
     the memory it saves, so CPU tensors keep them, as our ``Mamba`` layer does."""
-    if b_rms_weight is not None or c_rms_weight is not None or dt_rms_weight is not None:
+    if b_rms_weight is not None or c_rms_weight is not None or dt_rms_weight is not None or _PADDED.get():
         return None
     return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
                   A, B, C, D, delta_bias, delta_softplus=delta_softplus,
@@ -90,8 +95,23 @@ def mamba_selective_state_update(state: Tensor, hidden_states: Tensor, dt: Tenso
     return selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
+_MASK = "apply_mask_to_padding_states"  # wrapped to note padding, not replaced
 OURS: dict[str, Callable] = {f.__name__: f for f in (mamba_inner_fn, causal_conv1d_fn, causal_conv1d_update,
                                                       mamba_selective_scan, mamba_selective_state_update)}
+
+
+def _padding_recorder(original: Callable) -> Callable:
+    """transformers' ``apply_mask_to_padding_states``, noting whether a CPU batch has padding: a mixer forward
+    calls it first, before the fused path that :func:`mamba_inner_fn` then declines for such a batch."""
+
+    @functools.wraps(original)
+    def apply_mask_to_padding_states(hidden_states: Tensor, attention_mask: Tensor | None, *args, **kwargs):
+        _PADDED.set(attention_mask is not None and hidden_states.device.type == "cpu" and
+                    not bool(attention_mask.all()))
+        return original(hidden_states, attention_mask, *args, **kwargs)
+
+    setattr(apply_mask_to_padding_states, _MARK, original)
+    return apply_mask_to_padding_states
 
 
 def _router(ours: Callable, original: Callable) -> Callable:
@@ -132,7 +152,7 @@ def install() -> dict[str, str]:
         raise ImportError("compressm_kernels.integrations.transformers needs transformers with its Mamba models "
                           "(pip install 'transformers>=5')")
     for module in modules:  # every module checked before any is changed
-        missing = [name for name in OURS if not callable(getattr(module, name, None))]
+        missing = [name for name in (*OURS, _MASK) if not callable(getattr(module, name, None))]
         if missing:
             raise ImportError(f"{module.__name__} has no {', '.join(missing)}: this integration follows transformers "
                               f">= 5's Mamba code (installed: {importlib.import_module('transformers').__version__})")
@@ -143,13 +163,15 @@ def install() -> dict[str, str]:
             if not hasattr(current, _MARK):
                 setattr(module, name, _router(ours, current))
             done[f"{module.__name__}.{name}"] = f"compressm_kernels on CPU tensors, transformers' {name} elsewhere"
+        if not hasattr(getattr(module, _MASK), _MARK):
+            setattr(module, _MASK, _padding_recorder(getattr(module, _MASK)))
     return done
 
 
 def uninstall() -> None:
     """Put back the functions :func:`install` replaced (a no-op where nothing is routed)."""
     for module in _modules():
-        for name in OURS:
+        for name in (*OURS, _MASK):
             current = getattr(module, name, None)
             if hasattr(current, _MARK):
                 setattr(module, name, getattr(current, _MARK))
