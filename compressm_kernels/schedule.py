@@ -49,7 +49,8 @@ class CompreSSM:
         before_change: called right before shapes change. Under DDP, drop the wrapper here (the wrapper holds
             extra references to the parameters, which stops surgery from re-seating them) and pass the bare
             module as ``model``.
-        on_change: called with the report after every change of shapes (cut or undo), e.g. to re-wrap DDP.
+        on_change: called with the report after every change of shapes (cut or undo), e.g. to re-wrap DDP, and
+            with ``None`` after ``before_change`` when the surgery refused the cut (nothing changed).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int, *,
@@ -60,7 +61,7 @@ class CompreSSM:
                  min_overlap: float | None = None, min_spearman: float | None = None, max_fraction: float = 0.5,
                  validate: Callable[[], float] | None = None, margin: float = 0.0,
                  before_change: Callable[[], None] | None = None,
-                 on_change: Callable[[CompressionReport], None] | None = None) -> None:
+                 on_change: Callable[[CompressionReport | None], None] | None = None) -> None:
         if tau is None and rank is None and fraction is None:
             tau = 0.05
         check_selection(tau, rank, fraction, min_rank, gate)
@@ -193,7 +194,13 @@ class CompreSSM:
         before = self.validate() if self.validate is not None else None
         if self.before_change is not None:
             self.before_change()
-        report = apply_plan(self.model, plan, self.optimizer)
+        try:
+            report = apply_plan(self.model, plan, self.optimizer)
+        except ValueError as err:  # e.g. optimizer state the surgery cannot slice: model and optimizer as before
+            self._record("skip", reason=str(err), **info)
+            if self.on_change is not None:
+                self.on_change(None)
+            return None
         for lp in plan.changes:
             self._ids[lp.name] = [self._ids[lp.name][i] for i in lp.keep.tolist()]
         after = self.validate() if self.validate is not None else None

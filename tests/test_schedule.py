@@ -79,6 +79,22 @@ def test_calibration_of_a_compiled_model_runs_eagerly() -> None:
     assert [lp.n_after for lp in plan.layers] == [3, 3]
 
 
+def test_a_refused_cut_is_logged_and_training_goes_on() -> None:
+    # Adafactor's factored state cannot be sliced: the surgery refuses, changing nothing; the schedule logs the
+    # attempt as skipped and calls on_change(None) to undo whatever before_change did.
+    if not hasattr(torch.optim, "Adafactor"):
+        pytest.skip("torch.optim.Adafactor arrived in torch 2.5")
+    model = TinyLM(d_state=8)
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    events = []
+    sched = CompreSSM(model, opt, total_steps=10, rank=3, at=[0.5], calib_steps=2,
+                      before_change=lambda: events.append("before"), on_change=events.append)
+    _loop(model, opt, sched, 10)
+    assert [e["action"] for e in sched.log] == ["skip"] and "don't know how to slice it" in sched.log[0]["reason"]
+    assert events == ["before", None]
+    assert {m.d_state for m in find_mixers(model).values()} == {8}
+
+
 def test_waits_for_a_stable_ranking_or_says_so() -> None:
     model = TinyLM(d_state=8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
