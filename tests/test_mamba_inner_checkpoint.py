@@ -73,6 +73,20 @@ def out_and_grads(args: dict[str, Tensor | None], **kw) -> dict[str, Tensor]:
     return {"out": out.detach(), **{f"d{k}": g for k, g in zip(leaves, grads, strict=True)}}
 
 
+@pytest.mark.parametrize(("name", "value", "match"), [
+    ("conv1d_weight", torch.zeros(DIM, 2, WIDTH), r"conv1d_weight must have shape \(D, 1, W\) or \(D, W\)"),
+    ("conv1d_bias", torch.zeros(DIM + 1), r"conv1d_bias must have shape \(D,\) = \(8,\)"),
+    ("out_proj_bias", torch.zeros(D_MODEL, 1), r"out_proj_bias must have shape \(d_model,\) = \(5,\)"),
+    ("B_proj_bias", torch.zeros(DSTATE - 1), r"B_proj_bias must have shape \(N,\) = \(13,\)"),
+    ("C_proj_bias", torch.zeros(1), r"C_proj_bias must have shape \(N,\) = \(13,\)"),
+], ids=lambda v: v if isinstance(v, str) and "(" not in v else None)
+def test_bad_weights_and_biases_are_named(name: str, value: Tensor, match: str) -> None:
+    # A (D, 2, W) conv weight has D·2W elements, which used to pass as a wider conv; a wrong-shaped bias used
+    # to fail in a broadcast, without its name.
+    with pytest.raises(ValueError, match=match):
+        mamba_inner_fn(**(make_args(extras=True) | {name: value}))
+
+
 @pytest.mark.parametrize("mask", ["none", "shared", "per-channel"])
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "biases+rms"])
 def test_checkpoint_levels_agree(extras: bool, mask: str) -> None:

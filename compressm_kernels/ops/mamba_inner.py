@@ -69,7 +69,8 @@ def _project(weight: Tensor, t: Tensor) -> Tensor:
 
 
 def _check(xz: Tensor, conv1d_weight: Tensor, x_proj_weight: Tensor, delta_proj_weight: Tensor,
-           out_proj_weight: Tensor, A: Tensor, B: Tensor | None, C: Tensor | None, checkpoint_lvl: int) -> None:
+           out_proj_weight: Tensor, A: Tensor, B: Tensor | None, C: Tensor | None, checkpoint_lvl: int,
+           biases: dict[str, Tensor | None]) -> None:
     if xz.dim() != 3 or xz.shape[1] % 2:
         raise ValueError(f"xz must have shape (Bt, 2·D, L), got {_shape(xz)}")
     dim = xz.shape[1] // 2
@@ -77,7 +78,8 @@ def _check(xz: Tensor, conv1d_weight: Tensor, x_proj_weight: Tensor, delta_proj_
         raise TypeError("A must be real; complex A is not supported by compressm_kernels")
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"A must have shape (D, N) with D={dim}, got {_shape(A)}")
-    if conv1d_weight.shape[0] != dim or conv1d_weight.dim() not in (2, 3) or conv1d_weight.numel() % dim:
+    if conv1d_weight.dim() not in (2, 3) or conv1d_weight.shape[0] != dim or (
+            conv1d_weight.dim() == 3 and conv1d_weight.shape[1] != 1):
         raise ValueError(f"conv1d_weight must have shape (D, 1, W) or (D, W) with D={dim}, got {_shape(conv1d_weight)}")
     if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] != dim:
         raise ValueError(f"delta_proj_weight must have shape (D, R) with D={dim}, got {_shape(delta_proj_weight)}")
@@ -91,6 +93,11 @@ def _check(xz: Tensor, conv1d_weight: Tensor, x_proj_weight: Tensor, delta_proj_
         )
     if out_proj_weight.dim() != 2 or out_proj_weight.shape[1] != dim:
         raise ValueError(f"out_proj_weight must have shape (d_model, D) with D={dim}, got {_shape(out_proj_weight)}")
+    sizes = {"conv1d_bias": ("D", dim), "out_proj_bias": ("d_model", out_proj_weight.shape[0]),
+             "B_proj_bias": ("N", dstate), "C_proj_bias": ("N", dstate)}
+    for name, bias in biases.items():
+        if bias is not None and tuple(bias.shape) != (sizes[name][1],):
+            raise ValueError(f"{name} must have shape ({sizes[name][0]},) = ({sizes[name][1]},), got {_shape(bias)}")
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
 
@@ -180,7 +187,9 @@ def mamba_inner_fn(
     Returns:
         ``(Bt, L, d_model)``.
     """
-    _check(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C, checkpoint_lvl)
+    _check(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A, B, C, checkpoint_lvl,
+           {"conv1d_bias": conv1d_bias, "out_proj_bias": out_proj_bias, "B_proj_bias": B_proj_bias,
+            "C_proj_bias": C_proj_bias})
     args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A, B, C,
             D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight,
             b_c_dt_rms_eps, state_mask, backend)
