@@ -63,7 +63,11 @@ def backends(args: argparse.Namespace) -> None:
     """Which scan backends can run on a device, and why the others cannot."""
     from . import backend_status
 
-    for name, reason in backend_status(args.device).items():
+    try:
+        status = backend_status(args.device)
+    except ValueError as err:
+        raise SystemExit(f"compressm backends: {err}") from None
+    for name, reason in status.items():
         print(f"{name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
 
 

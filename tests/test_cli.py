@@ -21,6 +21,16 @@ def test_backends_lists_reference(capsys: pytest.CaptureFixture[str]) -> None:
     assert "reference  available" in out and "cuda" in out
 
 
+def test_backends_on_a_device_this_machine_lacks(capsys: pytest.CaptureFixture[str]) -> None:
+    # No such GPU (none at all here, or not 99 of them): every backend listed as unavailable, no traceback.
+    main(["backends", "--device", "cuda:99"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(compressm_kernels.BACKENDS)
+    assert all("unavailable: this machine has no usable cuda:99 device" in line for line in lines)
+    with pytest.raises(SystemExit, match="device must name a torch device such as 'cpu' or 'cuda', got 'bogus'"):
+        main(["backends", "--device", "bogus"])
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["scan-demo", "--help"], ["backends", "--help"]],
                          ids=" ".join)
 def test_help_prints(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,9 +79,16 @@ def resolve_backend(x: ScanInputs, backend: str = "auto") -> tuple[str, ModuleTy
 
 
 def backend_status(device: str | torch.device = "cpu") -> dict[str, str | None]:
-    """For each backend, ``None`` if it runs fp32 inputs on ``device``, else the reason it does not."""
-    device = torch.device(device)
-    ones = torch.ones(1, 1, 1, device=device)
+    """For each backend, ``None`` if it runs fp32 inputs on ``device``, else the reason it does not (every backend
+    unavailable when this machine has no such device). ``ValueError`` if ``device`` names no device type."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r} ({err})") from None
+    try:
+        ones = torch.ones(1, 1, 1, device=device)
+    except (RuntimeError, AssertionError) as err:  # e.g. CUDA on a machine without a driver
+        return dict.fromkeys(BACKENDS, f"this machine has no usable {device} device ({err})")
     probe = check_scan_inputs(ones, ones, -ones[0], ones[0], ones[0])
     return {name: _reason(name, probe)[1] for name in BACKENDS}
 
