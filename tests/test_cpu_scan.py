@@ -269,18 +269,27 @@ def test_custom_ops_pass_opcheck() -> None:
 
 
 def test_cpu_isa_follows_the_baseline_switch() -> None:
-    isa = cpu.load_extension("_C")[0].cpu_isa()
-    if os.environ.get("COMPRESSM_CPU_BASELINE"):
-        assert isa == "baseline"
-    else:
-        assert isa in ("avx2+fma", "baseline")
+    # Only COMPRESSM_CPU_BASELINE=1 forces the baseline loops ("0" does not); the choice is made once per process.
+    def isa_with(value: str) -> str:
+        code = "from compressm_kernels.ops.selective_scan import cpu; print(cpu.load_extension('_C')[0].cpu_isa())"
+        result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "COMPRESSM_CPU_BASELINE": value},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip()
+
+    forced = os.environ.get("COMPRESSM_CPU_BASELINE") == "1"
+    here = cpu.load_extension("_C")[0].cpu_isa()
+    assert isa_with("1") == "baseline"
+    natural = isa_with("0")
+    assert natural in ("avx2+fma", "baseline")
+    assert here == ("baseline" if forced else natural)
 
 
 def test_baseline_loops_pass_the_cpu_kernel_tests() -> None:
     # A wheel runs the baseline x86-64 loops on CPUs without AVX2+FMA. Where those exist, COMPRESSM_CPU_BASELINE
     # forces the baseline loops (the choice is made once per process): this file, the decode step's and the conv's
     # tests run again that way in a child process, which also checks that the switch took.
-    if os.environ.get("COMPRESSM_CPU_BASELINE"):
+    if os.environ.get("COMPRESSM_CPU_BASELINE") == "1":
         pytest.skip("this process already runs the baseline loops")
     tests = Path(__file__).parent
     result = subprocess.run(

@@ -230,11 +230,14 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define COMPRESSM_TARGET_AVX2 __attribute__((target("avx2,fma")))
-// COMPRESSM_CPU_BASELINE (any value) forces the baseline loops, the path a wheel takes on CPUs without AVX2+FMA,
-// so machines that have them can test it.
+// COMPRESSM_CPU_BASELINE=1 forces the baseline loops, the path a wheel takes on CPUs without AVX2+FMA, so machines
+// that have them can test it (any other value, "0" say, does not).
 inline bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("COMPRESSM_CPU_BASELINE") == nullptr;
+  static const bool has = [] {
+    const char* baseline = std::getenv("COMPRESSM_CPU_BASELINE");
+    const bool forced = baseline != nullptr && baseline[0] == '1' && baseline[1] == '\0';
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !forced;
+  }();
   return has;
 }
 // Defines `static void name(const Args&)` that runs `name##_impl` (an always-inline template body)

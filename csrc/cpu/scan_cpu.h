@@ -112,7 +112,7 @@ struct Conv1dUpdateParams {
 
 void conv1d_update(const Conv1dUpdateParams& p);
 
-// The loops the kernels run: "avx2+fma" or "baseline" (x86-64 without them, or COMPRESSM_CPU_BASELINE set).
+// The loops the kernels run: "avx2+fma" or "baseline" (x86-64 without them, or COMPRESSM_CPU_BASELINE=1).
 const char* isa();
 
 }  // namespace compressm::cpu
