@@ -14,6 +14,7 @@ CPU only: on other devices the integration leaves transformers' functions in pla
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import torch
 
@@ -73,11 +74,24 @@ def run(args: argparse.Namespace) -> Bench:
         model.eval()
         model.generate(ids[:, :PROMPT], max_new_tokens=opt["new"], min_new_tokens=opt["new"], do_sample=False)
 
-    def on(path: str, fn):
-        switch = bridge.install if path == "compressm" else bridge.uninstall
+    # transformers' own code is its PyTorch functions. Its wrappers around them switch to mamba_ssm's kernels once
+    # mamba_ssm is importable (after integrations.mamba_ssm.install(), say), and those need CUDA.
+    from transformers.models.mamba import modeling_mamba
 
+    bridge.uninstall()
+    wrappers = {name: getattr(modeling_mamba, name) for name in bridge.OURS}
+    torch_bodies = {name: inspect.unwrap(fn) for name, fn in wrappers.items()}
+
+    def use(functions: dict) -> None:
+        bridge.uninstall()
+        for name, fn in functions.items():
+            setattr(modeling_mamba, name, fn)
+
+    def on(path: str, fn):
         def call():
-            switch()
+            use(torch_bodies)
+            if path == "compressm":
+                bridge.install()
             fn()
         return call
 
@@ -91,6 +105,6 @@ def run(args: argparse.Namespace) -> Bench:
                           baseline=f"transformers {op}",
                           extras={f"{path} {op}": dict(path=path, op=op) for path in ("transformers", "compressm")})
     finally:
-        bridge.uninstall()
+        use(wrappers)
     publish(bench, args, "hf", columns=["op"], plots={"": dict(x="path", series="op", logx=False)})
     return bench
