@@ -28,7 +28,6 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-
 def validated_keep(keep: Tensor, n: int) -> Tensor:
     """``keep`` as int64 indices into ``n`` states, after checking it is a non-empty 1-D integer tensor of unique
     indices in [0, n) (``TypeError``/``ValueError`` naming it otherwise). Shared by every way of cutting states."""
@@ -44,6 +43,7 @@ def validated_keep(keep: Tensor, n: int) -> Tensor:
     if keep.unique().numel() != keep.numel():
         raise ValueError("keep indices must be unique")
     return keep
+
 
 class Mamba(nn.Module):
     """Mamba-1 mixer ``(Bt, L, d_model) -> (Bt, L, d_model)`` with a reducible state.
@@ -225,7 +225,6 @@ class Mamba(nn.Module):
                 self.A_log.data = self.A_log.data.new_empty(a_log.shape)
                 self.x_proj.weight.data = self.x_proj.weight.data.new_empty(x_proj.shape)
                 self.x_proj.out_features = x_proj.shape[0]
-                self.state_mask = None
         # A checkpoint of this layer brings its mask, or none: it replaces ours (the copy below fills it,
         # shape-checked). A partial state dict without this layer's A_log leaves the mask alone.
         mask = state_dict.get(prefix + "state_mask")
