@@ -237,8 +237,8 @@ def test_unsupported_paths_raise_with_reason() -> None:
     with pytest.raises(NotImplementedError, match="complex A"):
         bridge.fwd(torch.randn(1, 2, 3), torch.randn(1, 2, 3), torch.randn(2, 2, dtype=torch.complex64),
                    torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3), None, None, None, False)
-    state = torch.zeros(1, 2, 3, 4)  # Mamba-2 (multi-head) states are not routed on CPU
+    state = torch.zeros(1, 2, 3, 4, 5)  # neither (Bt, D, N) nor Mamba-2's (Bt, H, P, N)
     ssu = sys.modules["mamba_ssm.ops.triton.selective_state_update"].selective_state_update
-    with pytest.raises(NotImplementedError, match="Mamba-1"):
+    with pytest.raises(NotImplementedError, match=r"\(Bt, D, N\) or \(Bt, H, P, N\)"):
         ssu(state, torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 3, 4), torch.zeros(1, 1, 4),
             torch.zeros(1, 1, 4))

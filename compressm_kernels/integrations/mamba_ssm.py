@@ -26,6 +26,7 @@ multi-head (Mamba-2) state updates on CPU). ``generate(cg=True)`` (CUDA graphs) 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -40,6 +41,7 @@ from ..ops import conv1d_cpu
 from ..ops.conv1d import causal_conv1d_torch, causal_conv1d_update_torch
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.state_update import selective_state_update as _our_state_update
+from . import mamba_ssm_ssd as ssd
 
 CHUNK = 2048  # mamba_ssm's scan chunk: x holds one carry per 2048 steps
 _MARK = "__compressm_kernels__"
@@ -222,23 +224,67 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
 
 
 # ---- CPU routes for mamba_ssm's Triton kernels -------------------------------------------------------
-def _state_update_router(original):
-    def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                               state_batch_indices=None):
-        if state.is_cuda:
-            return original(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
-        if state.dim() != 3:
-            raise NotImplementedError("selective_state_update on CPU (compressm_kernels) supports Mamba-1 states "
-                                      f"(Bt, D, N), got {tuple(state.shape)}")
-        if state_batch_indices is None:
-            return _our_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+def _route(original, on_cpu):
+    """``original`` for CUDA tensors, ``on_cpu`` otherwise, by the device of the first argument."""
+    @functools.wraps(original)
+    def routed(first, *args, **kwargs):
+        return (original if first.is_cuda else on_cpu)(first, *args, **kwargs)
+
+    setattr(routed, _MARK, True)
+    return routed
+
+
+class _ApplyRouter:
+    """Stands in for an autograd Function of mamba_ssm: ``apply`` runs it for CUDA tensors, ``on_cpu``
+    otherwise."""
+
+    def __init__(self, original, on_cpu) -> None:
+        self.original, self.on_cpu = original, on_cpu
+
+    def apply(self, x, *args):
+        return self.original.apply(x, *args) if x.is_cuda else self.on_cpu(x, *args)
+
+
+def _cpu_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                      state_batch_indices=None):
+    """mamba_ssm's ``selective_state_update`` on :func:`compressm_kernels.selective_state_update`."""
+    if state.dim() == 4:  # Mamba-2: (Bt, H, P, N), heads of P channels; as (Bt, H·P, N) channels
+        return _multi_head_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    if state.dim() != 3:
+        raise NotImplementedError("selective_state_update on CPU (compressm_kernels) takes states (Bt, D, N) or "
+                                  f"(Bt, H, P, N), got {tuple(state.shape)}")
+    if state_batch_indices is None:
+        return _our_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    picked = state[state_batch_indices]
+    y = _our_state_update(picked, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    state[state_batch_indices] = picked
+    return y
+
+
+def _multi_head_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    """mamba_ssm's multi-head step: state ``(Bt, H, P, N)``, x/dt/z ``(Bt, H, P)``, A ``(H, P, N)``, B/C
+    ``(Bt, G, N)``, D/dt_bias ``(H, P)``; the heads' channels flattened, B/C groups over them as over heads."""
+    batch, nheads, headdim, dstate = state.shape
+    if state_batch_indices is not None:
         picked = state[state_batch_indices]
-        y = _our_state_update(picked, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        y = _multi_head_state_update(picked, x, dt, A, B, C, D, z, dt_bias, dt_softplus, None)
         state[state_batch_indices] = picked
         return y
-
-    setattr(selective_state_update, _MARK, True)
-    return selective_state_update
+    channels = nheads * headdim
+    expected = {"x": (batch, nheads, headdim), "dt": (batch, nheads, headdim), "A": (nheads, headdim, dstate),
+                "D": (nheads, headdim), "z": (batch, nheads, headdim), "dt_bias": (nheads, headdim)}
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("D", D), ("z", z), ("dt_bias", dt_bias)):
+        if t is not None and tuple(t.shape) != expected[name]:
+            raise ValueError(f"selective_state_update with a (Bt, H, P, N) state: {name} must have shape "
+                             f"{expected[name]}, got {tuple(t.shape)}")
+    flat = state.reshape(batch, channels, dstate)  # a view when it can be, else a copy written back below
+    y = _our_state_update(flat, x.reshape(batch, channels), dt.reshape(batch, channels), A.reshape(channels, dstate),
+                          B, C, None if D is None else D.reshape(channels),
+                          None if z is None else z.reshape(batch, channels),
+                          None if dt_bias is None else dt_bias.reshape(channels), dt_softplus)
+    if flat.data_ptr() != state.data_ptr():
+        state.copy_(flat.view_as(state))
+    return y.view(batch, nheads, headdim)
 
 
 def layer_norm_torch(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
@@ -267,16 +313,6 @@ def layer_norm_torch(x, weight, bias, residual=None, x1=None, weight1=None, bias
         return y
     res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
     return y, h.to(res_dtype)
-
-
-class _LayerNormFnRouter:
-    """Stands in for mamba_ssm's ``LayerNormFn``: CUDA tensors go to Triton, others to PyTorch."""
-
-    def __init__(self, original) -> None:
-        self.original = original
-
-    def apply(self, x, *args):
-        return self.original.apply(x, *args) if x.is_cuda else layer_norm_torch(x, *args)
 
 
 # ---- install -----------------------------------------------------------------------------------------
@@ -325,14 +361,25 @@ def install() -> dict[str, str]:
         done["causal_conv1d_cuda"] = "PyTorch (compressm_kernels)" if own else "causal-conv1d's own extension"
 
     layer_norm = importlib.import_module("mamba_ssm.ops.triton.layer_norm")
-    if not isinstance(layer_norm.LayerNormFn, _LayerNormFnRouter):
-        layer_norm.LayerNormFn = _LayerNormFnRouter(layer_norm.LayerNormFn)
+    if not isinstance(layer_norm.LayerNormFn, _ApplyRouter):
+        layer_norm.LayerNormFn = _ApplyRouter(layer_norm.LayerNormFn, layer_norm_torch)
     done["layer_norm_fn"] = "PyTorch on CPU tensors, Triton on CUDA"
+    gated = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
+    if not isinstance(gated.LayerNormFn, _ApplyRouter):
+        gated.LayerNormFn = _ApplyRouter(gated.LayerNormFn, ssd.gated_norm)
+    done["layernorm_gated"] = "PyTorch on CPU tensors, Triton on CUDA"
 
-    ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
-    for module in (ssu, importlib.import_module("mamba_ssm.modules.mamba_simple")):
-        current = getattr(module, "selective_state_update", None)
-        if current is not None and not getattr(current, _MARK, False):
-            module.selective_state_update = _state_update_router(current)
+    routes = {"selective_state_update": _cpu_state_update,
+              "mamba_chunk_scan_combined": ssd.chunk_scan_combined,
+              "mamba_split_conv1d_scan_combined": ssd.split_conv1d_scan_combined}
+    for name in ("ops.triton.selective_state_update", "ops.triton.ssd_combined", "modules.mamba_simple",
+                 "modules.mamba2", "modules.mamba2_simple"):
+        module = importlib.import_module("mamba_ssm." + name)
+        for fn, on_cpu in routes.items():
+            current = getattr(module, fn, None)
+            if current is not None and not getattr(current, _MARK, False):
+                setattr(module, fn, _route(current, on_cpu))
     done["selective_state_update"] = "compressm_kernels.selective_state_update on CPU tensors, Triton on CUDA"
+    done["mamba_chunk_scan_combined"] = "compressm_kernels.selective_scan_fn on CPU tensors, Triton on CUDA"
+    done["mamba_split_conv1d_scan_combined"] = "compressm_kernels.selective_scan_fn on CPU tensors, Triton on CUDA"
     return done

@@ -1,0 +1,226 @@
+"""Stock mamba_ssm Mamba-2 on CPU through our scan (install()), against float64 oracles built from
+mamba_ssm's own pure-PyTorch pieces (ssd_minimal_discrete, rms_norm_ref, selective_state_update_ref)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compressm_kernels.integrations import mamba_ssm as bridge
+from compressm_kernels.integrations import mamba_ssm_ssd as ssd
+from scan_cases import assert_close
+
+pytestmark = pytest.mark.oracle
+F32, F64 = torch.float32, torch.float64
+bridge.install()  # before mamba_ssm is imported
+
+from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
+from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
+from mamba_ssm.modules.mamba2 import Mamba2  # noqa: E402
+from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete  # noqa: E402
+from mamba_ssm.ops.triton import ssd_combined  # noqa: E402
+from mamba_ssm.ops.triton.layernorm_gated import layernorm_fn, rms_norm_ref, rmsnorm_fn  # noqa: E402
+from mamba_ssm.ops.triton.selective_state_update import selective_state_update as mamba_step  # noqa: E402
+from mamba_ssm.ops.triton.selective_state_update import selective_state_update_ref as mamba_step_ref  # noqa: E402
+
+
+def oracle_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit):
+    """Float64 Mamba-2 scan from mamba_ssm's minimal SSD (one chunk of the whole sequence)."""
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    heads, groups = x.shape[2], B.shape[2]
+    delta = F.softplus(dt + dt_bias.double()).clamp(*dt_limit)
+    per_head = heads // groups
+    y, final = ssd_minimal_discrete(x * delta[..., None], A * delta, B.repeat_interleave(per_head, 2),
+                                    C.repeat_interleave(per_head, 2), block_len=x.shape[1])
+    if D is not None:
+        y = y + (D.double()[:, None] if D.dim() == 1 else D.double()) * x
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, final
+
+
+def scan_inputs(batch=2, seqlen=37, heads=4, headdim=3, groups=2, dstate=13, seed=0, d_per_channel=False,
+                gate=True):
+    gen = torch.Generator().manual_seed(seed)
+    t = {
+        "x": torch.randn(batch, seqlen, heads, headdim, generator=gen),
+        "dt": 0.5 * torch.randn(batch, seqlen, heads, generator=gen) - 1.5,
+        "A": -torch.exp(0.5 * torch.randn(heads, generator=gen)),
+        "B": torch.randn(batch, seqlen, groups, dstate, generator=gen),
+        "C": torch.randn(batch, seqlen, groups, dstate, generator=gen),
+        "D": torch.randn(heads, headdim, generator=gen) if d_per_channel else torch.randn(heads, generator=gen),
+        "z": torch.randn(batch, seqlen, heads, headdim, generator=gen) if gate else None,
+        "dt_bias": 0.3 * torch.randn(heads, generator=gen),
+    }
+    return {k: (v.requires_grad_(True) if v is not None else None) for k, v in t.items()}
+
+
+@pytest.mark.parametrize(("d_per_channel", "gate", "dt_limit"),
+                         [(False, True, (0.0, math.inf)), (True, False, (0.0, math.inf)), (False, False, (0.1, 0.3))],
+                         ids=["D-per-head-gated", "D-per-channel", "dt-limit"])
+def test_chunk_scan_combined_route_matches_minimal_ssd(d_per_channel: bool, gate: bool, dt_limit) -> None:
+    """mamba_ssm's mamba_chunk_scan_combined on CPU (our route): output, final state and every gradient ==
+    the float64 minimal SSD, with N = 13, L = 37, 2 groups over 4 heads."""
+    t = scan_inputs(d_per_channel=d_per_channel, gate=gate)
+    leaves = {k: v for k, v in t.items() if v is not None}
+    gen = torch.Generator().manual_seed(5)
+    dy = torch.randn(t["x"].shape, generator=gen)
+    dfinal = torch.randn(2, 4, 3, 13, generator=gen)
+    y, final = ssd_combined.mamba_chunk_scan_combined(
+        t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=16, D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
+        dt_softplus=True, dt_limit=dt_limit, return_final_states=True)
+    ours = [y, final, *torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), list(leaves.values()))]
+    leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    y64, final64 = oracle_scan(leaves64["x"], leaves64["dt"], leaves64["A"], leaves64["B"], leaves64["C"],
+                               leaves64["D"], leaves64.get("z"), leaves64["dt_bias"], dt_limit)
+    loss = (y64 * dy.double()).sum() + (final64 * dfinal.double()).sum()
+    want = [y64, final64, *torch.autograd.grad(loss, list(leaves64.values()))]
+    for got, expected, name in zip(ours, want, ["y", "final_states", *("d" + k for k in leaves)], strict=True):
+        assert got.dtype == F32, name
+        assert_close(got, expected, F32, name)
+
+
+def test_chunk_scan_combined_route_bf16_output_dtype() -> None:
+    t = {k: (v.detach().bfloat16() if k in ("x", "B", "C", "z", "dt") else v.detach())
+         for k, v in scan_inputs().items()}
+    y = ssd_combined.mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], 16, D=t["D"], z=t["z"],
+                                               dt_bias=t["dt_bias"], dt_softplus=True)
+    y64, _ = oracle_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], (0.0, math.inf))
+    assert y.dtype == torch.bfloat16
+    assert_close(y, y64, torch.bfloat16, "y")
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_norm_routes_match_mamba_reference(group_size: int | None, norm_before_gate: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, z = torch.randn(3, 5, 12, generator=gen), torch.randn(3, 5, 12, generator=gen)
+    weight, bias = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
+    for gate in (z, None):
+        got = rmsnorm_fn(x, weight, None, z=gate, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
+        want = rms_norm_ref(x.double(), weight.double(), None, z=None if gate is None else gate.double(), eps=1e-5,
+                            group_size=group_size, norm_before_gate=norm_before_gate)
+        assert_close(got, want, F32, "rmsnorm")
+    # LayerNorm: the same per group after subtracting the group's mean.
+    got = layernorm_fn(x, weight, bias, z=z, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
+    h = x.double() if norm_before_gate else x.double() * F.silu(z.double())
+    size = group_size or 12
+    want = F.layer_norm(h.unflatten(-1, (12 // size, size)), (size,), eps=1e-5).flatten(-2) * weight.double() + bias
+    if norm_before_gate:
+        want = want * F.silu(z.double())
+    assert_close(got, want, F32, "layernorm")
+
+
+def oracle_mamba2(layer: Mamba2, u: torch.Tensor) -> torch.Tensor:
+    """A float64 Mamba-2 layer from its parameters: in_proj, split, causal conv + silu, the minimal SSD,
+    gated RMSNorm per group (mamba_ssm's rms_norm_ref), the MLP half, out_proj."""
+    p = {k: v.double() for k, v in layer.named_parameters()}
+    zxbcdt = F.linear(u.double(), p["in_proj.weight"])
+    dim, ngroups, dstate, nheads = layer.d_ssm, layer.ngroups, layer.d_state, layer.nheads
+    d_mlp = (zxbcdt.shape[-1] - 2 * dim - 2 * ngroups * dstate - nheads) // 2
+    z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
+    seqlen = u.shape[1]
+    xBC = F.silu(F.conv1d(xBC.transpose(1, 2), p["conv1d.weight"], p["conv1d.bias"], padding=layer.d_conv - 1,
+                          groups=xBC.shape[-1])[..., :seqlen]).transpose(1, 2)
+    x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    heads = (u.shape[0], seqlen, nheads, layer.headdim)
+    groups = (u.shape[0], seqlen, ngroups, dstate)
+    y, _ = oracle_scan(x.reshape(heads), dt, -torch.exp(p["A_log"]), B.reshape(groups), C.reshape(groups), p["D"],
+                       None, p["dt_bias"], layer.dt_limit)
+    y = rms_norm_ref(y.reshape(*u.shape[:2], dim), p["norm.weight"], None, z=z, eps=layer.norm.eps,
+                     group_size=dim // ngroups, norm_before_gate=layer.norm_before_gate)
+    if d_mlp > 0:
+        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+    return F.linear(y, p["out_proj.weight"])
+
+
+@pytest.mark.parametrize("mem_eff", [True, False], ids=["fused-path", "unfused-path"])
+@pytest.mark.parametrize("d_ssm", [None, 48], ids=["all-ssm", "with-mlp"])
+def test_stock_mamba2_layer_forward_backward_equals_oracle(mem_eff: bool, d_ssm: int | None) -> None:
+    torch.manual_seed(0)
+    layer = Mamba2(d_model=32, d_state=13, d_conv=4, expand=2, headdim=8, ngroups=2, d_ssm=d_ssm, chunk_size=16,
+                   use_mem_eff_path=mem_eff, norm_before_gate=False)
+    u = torch.randn(2, 37, 32, requires_grad=True)
+    dy = torch.randn(2, 37, 32)
+    y = layer(u)
+    names = [n for n, _ in layer.named_parameters()]
+    grads = torch.autograd.grad(y, [u, *layer.parameters()], dy)
+    u64 = u.detach().double().requires_grad_(True)
+    y64 = oracle_mamba2(layer, u64)  # float64 copies of the parameters, differentiable back to them
+    want = torch.autograd.grad(y64, [u64, *layer.parameters()], dy.double())
+    assert_close(y, y64, F32, "y")
+    for got, expected, name in zip(grads, want, ["u", *names], strict=True):
+        assert_close(got, expected, F32, "d" + name)
+
+
+def test_multi_head_state_update_matches_mamba_reference() -> None:
+    """mamba_ssm's selective_state_update with (Bt, H, P, N) states and grouped B/C on CPU (our route) ==
+    its pure-PyTorch reference; a non-contiguous state is updated in place too, and state_batch_indices
+    picks rows."""
+    gen = torch.Generator().manual_seed(2)
+    batch, heads, headdim, groups, dstate = 3, 4, 3, 2, 13
+    state = torch.randn(batch, heads, headdim, dstate, generator=gen)
+    x, z = torch.randn(batch, heads, headdim, generator=gen), torch.randn(batch, heads, headdim, generator=gen)
+    dt = torch.randn(batch, heads, 1, generator=gen).expand(batch, heads, headdim)
+    A = -torch.rand(heads, 1, 1, generator=gen).expand(heads, headdim, dstate) - 0.5
+    B, C = torch.randn(batch, groups, dstate, generator=gen), torch.randn(batch, groups, dstate, generator=gen)
+    D, dt_bias = torch.randn(heads, headdim, generator=gen), torch.randn(heads, headdim, generator=gen)
+    want_state = state.double().clone()
+    want = mamba_step_ref(want_state, x.double(), dt.double(), A.double(), B.double(), C.double(), D.double(),
+                          z.double(), dt_bias.double(), dt_softplus=True)
+    mine = state.clone()
+    assert_close(mamba_step(mine, x, dt, A, B, C, D, z, dt_bias, True), want, F32, "y")
+    assert_close(mine, want_state, F32, "state")
+    strided = state.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    assert not strided.is_contiguous()
+    assert_close(mamba_step(strided, x, dt, A, B, C, D, z, dt_bias, True), want, F32, "y (strided state)")
+    assert_close(strided, want_state, F32, "strided state")
+    rows = torch.tensor([2, 0])
+    picked = state.clone()
+    y = mamba_step(picked, x[rows], dt[rows], A, B[rows], C[rows], D, z[rows], dt_bias, True,
+                   state_batch_indices=rows)
+    assert_close(y, want[rows], F32, "y (state_batch_indices)")
+    assert_close(picked[rows], want_state[rows], F32, "picked rows")
+    assert torch.equal(picked[1], state[1])
+
+
+def test_stock_mamba2_lm_forward_backward_generate() -> None:
+    """A stock MambaLMHeadModel with Mamba-2 layers trains and generates on CPU; each generated step's scores
+    == the full forward's logits on the generated sequence (the decode path == the scan path)."""
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=40, rms_norm=True, fused_add_norm=True,
+                      ssm_cfg={"layer": "Mamba2", "d_state": 13, "headdim": 8, "ngroups": 2, "chunk_size": 16})
+    model = MambaLMHeadModel(cfg)
+    ids = torch.randint(0, 40, (2, 7))
+    loss = F.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    out = model.generate(ids, max_length=12, output_scores=True, return_dict_in_generate=True)
+    assert tuple(out.sequences.shape) == (2, 12)
+    with torch.no_grad():
+        full = model(out.sequences.clone()).logits
+    assert_close(torch.stack(out.scores, 1), full[:, 6:11], F32, "generate scores")
+
+
+def test_unsupported_mamba2_arguments_raise_with_reason() -> None:
+    t = {k: (v.detach() if v is not None else None) for k, v in scan_inputs().items()}
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"], 16)
+    with pytest.raises(NotImplementedError, match="initial_states"):
+        ssd_combined.mamba_chunk_scan_combined(*args, initial_states=torch.zeros(2, 4, 3, 13))
+    with pytest.raises(NotImplementedError, match="seq_idx"):
+        ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=torch.zeros(2, 37, dtype=torch.int32))
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        ssd_combined.mamba_chunk_scan_combined(*args, cu_seqlens=torch.tensor([0, 37]))
+    with pytest.raises(ValueError, match="A must have shape"):
+        ssd.ssd_scan(t["x"], t["dt"], torch.zeros(3), t["B"], t["C"])
+    with pytest.raises(ValueError, match="B must have shape"):
+        ssd.ssd_scan(t["x"], t["dt"], t["A"], t["B"][:, :, :1].expand(2, 37, 3, 13), t["C"])
+    with pytest.raises(ValueError, match="dt must have shape"):
+        ssd.ssd_scan(t["x"], t["dt"][:, :5], t["A"], t["B"], t["C"])
+    state = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="A must have shape"):
+        mamba_step(state, torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 4), torch.zeros(1, 1, 4),
+                   torch.zeros(1, 1, 4))
