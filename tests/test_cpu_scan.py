@@ -127,6 +127,31 @@ def test_mask_matches_reference(case: Case, per_channel: bool) -> None:
             assert torch.all(got[name][..., unused, :] == 0), name
 
 
+@pytest.mark.parametrize("mask", ["none", "shared", "per_channel"])
+@pytest.mark.parametrize("case", [Case(dim=6, seqlen=300, dstate=13), Case(dim=4, seqlen=77, dstate=64),
+                                  Case(batch=1, dim=3, seqlen=70, dstate=128, groups=3, b_form="grouped",
+                                       c_form="grouped"),
+                                  Case(dim=3, seqlen=63, dstate=200, dtype=BF16),
+                                  Case(dim=4, seqlen=63, dstate=12, b_form="invariant", c_form="variable"),
+                                  Case(dim=8, seqlen=40, dstate=3)], ids=str)
+def test_channels_whose_states_share_A_match_reference(case: Case, mask: str) -> None:
+    """Mamba-2's heads: every state of a channel has the same A (the kernel computes one decay per step), and a
+    channel where one state differs (one decay per state again)."""
+    inputs = make_inputs(case)
+    gen = torch.Generator().manual_seed(4)
+    A = (-torch.rand(case.dim, 1, generator=gen) - 0.5).expand(case.dim, case.dstate).contiguous()
+    A[-1, -1] -= 0.25
+    inputs["A"] = A.requires_grad_(True)
+    state_mask = None
+    if mask != "none":
+        state_mask = torch.rand((case.dim, case.dstate) if mask == "per_channel" else (case.dstate,),
+                                generator=gen) > 0.3
+        state_mask[..., 0] = True
+    ref = run_with_grads(selective_scan_fn, inputs, backend="reference", state_mask=state_mask)
+    got = run_with_grads(selective_scan_fn, inputs, backend="cpu", state_mask=state_mask)
+    _check_all(got, ref)
+
+
 @pytest.mark.parametrize(("case", "kept"), [
     (Case(dim=4, seqlen=150, dstate=16), (0, 3, 4, 7, 11)),
     (Case(dim=4, seqlen=70, dstate=13, groups=2, b_form="grouped", c_form="invariant"), (0, 3, 4, 7, 11)),

@@ -41,6 +41,7 @@ struct ForwardArgs {
   int64_t ldc;
   float* y;
   float* hist;
+  const float* decay;  // (T,) ā_t when the channel's states share one A (see Channel::shared_A), else nullptr
 };
 
 constexpr int kMaxState = 256;  // the package's MAX_DSTATE; bindings.cpp checks it
@@ -60,61 +61,102 @@ COMPRESSM_ALWAYS_INLINE void sum_steps(v8f* lanes, int T, float* y) {
   }
 }
 
-// kV > 0: rp = 8·kV, the state and A kept in registers across the chunk (through memory, each step's update
-// waits for the previous step's store to be forwarded, the critical path at small N). kV = 0: any rp.
-template <bool kHist, int kV>
+// States [k0, k0 + 8·kV) of rp over steps [t0, t1), the state and A in registers (through memory, each step's update
+// would wait for the previous step's store to be forwarded, the critical path at small N); lanes[t] += the
+// block's C_t·h_t folded to eight lanes (kFirst: lanes[t] = it). kShared: ā_t from a.decay, one per step, instead
+// of an exp per state.
+template <bool kHist, int kV, bool kShared, bool kFirst>
+COMPRESSM_ALWAYS_INLINE void forward_block(const ForwardArgs& a, int k0, int rp, int t0, int t1, v8f* lanes) {
+  v8f h[kV], A[kV];
+  for (int j = 0; j < kV; ++j) h[j] = load8(a.h + k0 + 8 * j), A[j] = load8(a.A + k0 + 8 * j);
+  for (int t = t0; t < t1; ++t) {
+    const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
+    const float* B = a.B + t * a.ldb + k0;
+    const float* C = a.C + t * a.ldc + k0;
+    v8f acc = kFirst ? v8f{} : lanes[t];
+    for (int j = 0; j < kV; ++j) {
+      const v8f Bj = load8(B + 8 * j);
+      h[j] = kShared ? forward_step_decayed(h[j], broadcast8(a.decay[t]), delta_u, Bj)
+                     : forward_step(h[j], delta, A[j], delta_u, Bj);
+      if (kHist) store8(a.hist + static_cast<int64_t>(t) * rp + k0 + 8 * j, h[j]);
+      acc += load8(C + 8 * j) * h[j];
+    }
+    lanes[t] = acc;
+  }
+  for (int j = 0; j < kV; ++j) store8(a.h + k0 + 8 * j, h[j]);
+}
+
+// forward_block for states [k0, k1), at most 8 vectors.
+template <bool kHist, bool kShared, bool kFirst>
+COMPRESSM_ALWAYS_INLINE void forward_block_sized(const ForwardArgs& a, int k0, int k1, int rp, int t0, int t1,
+                                                 v8f* lanes) {
+  switch ((k1 - k0) / 8) {
+    case 1: forward_block<kHist, 1, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
+    case 2: forward_block<kHist, 2, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
+    case 3: forward_block<kHist, 3, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
+    case 4: forward_block<kHist, 4, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
+    case 5: forward_block<kHist, 5, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
+    case 6: forward_block<kHist, 6, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
+    case 7: forward_block<kHist, 7, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
+    default: forward_block<kHist, 8, kShared, kFirst>(a, k0, rp, t0, t1, lanes);
+  }
+}
+
+// Steps per pass of the register blocks: their B/C rows (2 · 64 · N floats) stay in L2 for the next block (whole
+// 256-step chunks made N = 192-256 13-20 % slower than one pass with the states through memory).
+constexpr int kBlockSteps = 64;
+
+// More than 64 states, each with its own exp: all of them each step, through memory (blocks of 64 in registers
+// ran 2-4 % slower at N = 128, 11-15 % at 192-256: per step, the exps of every state are independent work).
+template <bool kHist>
+COMPRESSM_ALWAYS_INLINE void forward_through_memory(const ForwardArgs& a, int rp, v8f* lanes) {
+  for (int t = 0; t < a.T; ++t) {
+    const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
+    const float* B = a.B + t * a.ldb;
+    const float* C = a.C + t * a.ldc;
+    v8f acc{};
+    for (int k = 0; k < rp; k += 8) {
+      const v8f hk = forward_step(load8(a.h + k), delta, load8(a.A + k), delta_u, load8(B + k));
+      store8(a.h + k, hk);
+      if (kHist) store8(a.hist + static_cast<int64_t>(t) * rp + k, hk);
+      acc += load8(C + k) * hk;
+    }
+    lanes[t] = acc;
+  }
+}
+
+// The states in register blocks of up to 8 vectors (64 states), one after another over each kBlockSteps steps (with
+// a shared A, N = 128 runs 1.3x faster than with its states through memory); more than 64 states with their own
+// A through memory.
+template <bool kHist, bool kShared>
 COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
   v8f lanes[kMaxChunk + 8];  // per step, C_t·h_t folded to eight lanes
-  const int rp = kV > 0 ? 8 * kV : round8(a.r);
-  if constexpr (kV > 0) {
-    v8f h[kV], A[kV];
-    for (int j = 0; j < kV; ++j) h[j] = load8(a.h + 8 * j), A[j] = load8(a.A + 8 * j);
-    for (int t = 0; t < a.T; ++t) {
-      const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
-      const float* B = a.B + t * a.ldb;
-      const float* C = a.C + t * a.ldc;
-      v8f acc{};
-      for (int j = 0; j < kV; ++j) {
-        h[j] = forward_step(h[j], delta, A[j], delta_u, load8(B + 8 * j));
-        if (kHist) store8(a.hist + static_cast<int64_t>(t) * rp + 8 * j, h[j]);
-        acc += load8(C + 8 * j) * h[j];
-      }
-      lanes[t] = acc;
-    }
-    for (int j = 0; j < kV; ++j) store8(a.h + 8 * j, h[j]);
+  const int rp = round8(a.r);
+  if (rp == 0) {  // a channel whose mask keeps no state
+    std::fill_n(lanes, a.T, v8f{});
+  } else if (!kShared && rp > 64) {
+    forward_through_memory<kHist>(a, rp, lanes);
   } else {
-    for (int t = 0; t < a.T; ++t) {
-      const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
-      const float* B = a.B + t * a.ldb;
-      const float* C = a.C + t * a.ldc;
-      v8f acc{};
-      for (int k = 0; k < rp; k += 8) {
-        const v8f hk = forward_step(load8(a.h + k), delta, load8(a.A + k), delta_u, load8(B + k));
-        store8(a.h + k, hk);
-        if (kHist) store8(a.hist + static_cast<int64_t>(t) * rp + k, hk);
-        acc += load8(C + k) * hk;
+    for (int t0 = 0; t0 < a.T; t0 += kBlockSteps) {
+      const int t1 = std::min(a.T, t0 + kBlockSteps);
+      forward_block_sized<kHist, kShared, true>(a, 0, std::min(rp, 64), rp, t0, t1, lanes);
+      for (int k0 = 64; k0 < rp; k0 += 64) {
+        forward_block_sized<kHist, kShared, false>(a, k0, std::min(rp, k0 + 64), rp, t0, t1, lanes);
       }
-      lanes[t] = acc;
     }
   }
   sum_steps(lanes, a.T, a.y);
 }
-
-// What a cut leaves (up to 4 vectors, 32 states) and the usual full size (8 vectors, N = 57-64: 3-7 % faster than
-// through memory) run register-resident; other sizes through memory.
 template <bool kHist>
-COMPRESSM_ALWAYS_INLINE void forward_core_sized(const ForwardArgs& a) {
-  switch (round8(a.r) / 8) {
-    case 1: forward_core<kHist, 1>(a); break;
-    case 2: forward_core<kHist, 2>(a); break;
-    case 3: forward_core<kHist, 3>(a); break;
-    case 4: forward_core<kHist, 4>(a); break;
-    case 8: forward_core<kHist, 8>(a); break;
-    default: forward_core<kHist, 0>(a);
+COMPRESSM_ALWAYS_INLINE void forward_core_shared_or_not(const ForwardArgs& a) {
+  if (a.decay) {
+    forward_core<kHist, true>(a);
+  } else {
+    forward_core<kHist, false>(a);
   }
 }
-COMPRESSM_ALWAYS_INLINE void forward_core_impl(const ForwardArgs& a) { forward_core_sized<false>(a); }
-COMPRESSM_ALWAYS_INLINE void forward_core_hist_impl(const ForwardArgs& a) { forward_core_sized<true>(a); }
+COMPRESSM_ALWAYS_INLINE void forward_core_impl(const ForwardArgs& a) { forward_core_shared_or_not<false>(a); }
+COMPRESSM_ALWAYS_INLINE void forward_core_hist_impl(const ForwardArgs& a) { forward_core_shared_or_not<true>(a); }
 COMPRESSM_DISPATCH(forward_core, ForwardArgs)
 COMPRESSM_DISPATCH(forward_core_hist, ForwardArgs)
 
@@ -141,74 +183,94 @@ struct ReverseArgs {
   float* dA;
   float* ddelta;
   float* du;
+  const float* decay;  // as ForwardArgs::decay
 };
 
-// As forward_core: kV > 0 keeps the carry, A and dA in registers across the chunk; kV = 0, any rp.
-template <int kV>
+// As forward_block, in reverse: states [k0, k0 + 8·kV) of rp over steps [t0, t1) from the last, their carry, A and dA in registers;
+// gradients added to dB/dC rows, dΔ_t and du_t folded into (kFirst: written to) the step's lanes.
+template <int kV, bool kShared, bool kFirst>
+COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp, int t0, int t1, v8f* lanes_ddelta,
+                                           v8f* lanes_du) {
+  v8f carry[kV], A[kV], dA[kV];
+  for (int j = 0; j < kV; ++j) {
+    carry[j] = load8(a.carry + k0 + 8 * j), A[j] = load8(a.A + k0 + 8 * j), dA[j] = load8(a.dA + k0 + 8 * j);
+  }
+  for (int t = t1 - 1; t >= t0; --t) {
+    const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), u = broadcast8(a.u[t]);
+    const float* hp = (t > 0 ? a.hist + static_cast<int64_t>(t - 1) * rp : a.h_in) + k0;
+    const float* ht = a.hist + static_cast<int64_t>(t) * rp + k0;
+    const float* B = a.B + t * a.ldb + k0;
+    const float* C = a.C + t * a.ldc + k0;
+    float* dB = a.dB + t * a.lddb + k0;
+    float* dC = a.dC + t * a.lddc + k0;
+    v8f ddelta = kFirst ? v8f{} : lanes_ddelta[t], du = kFirst ? v8f{} : lanes_du[t];
+    for (int j = 0; j < kV; ++j) {
+      const int k = 8 * j;
+      const StepGradsOf<v8f> g =
+          kShared ? reverse_step_decayed(carry[j], dy, d, A[j], broadcast8(a.decay[t]), u, load8(B + k), load8(C + k),
+                                         load8(hp + k), load8(ht + k))
+                  : reverse_step(carry[j], dy, d, A[j], u, load8(B + k), load8(C + k), load8(hp + k), load8(ht + k));
+      store8(dB + k, load8(dB + k) + g.dB);
+      store8(dC + k, load8(dC + k) + g.dC);
+      dA[j] += g.dA;
+      carry[j] = g.carry;
+      ddelta += g.ddelta;
+      du += g.du;
+    }
+    lanes_ddelta[t] = ddelta;
+    lanes_du[t] = du;
+  }
+  for (int j = 0; j < kV; ++j) store8(a.carry + k0 + 8 * j, carry[j]), store8(a.dA + k0 + 8 * j, dA[j]);
+}
+
+// reverse_block for states [k0, k1), at most 8 vectors.
+template <bool kShared, bool kFirst>
+COMPRESSM_ALWAYS_INLINE void reverse_block_sized(const ReverseArgs& a, int k0, int k1, int rp, int t0, int t1,
+                                                 v8f* lanes_ddelta, v8f* lanes_du) {
+  switch ((k1 - k0) / 8) {
+    case 1: reverse_block<1, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 2: reverse_block<2, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 3: reverse_block<3, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 4: reverse_block<4, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 5: reverse_block<5, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 6: reverse_block<6, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 7: reverse_block<7, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    default: reverse_block<8, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du);
+  }
+}
+
+// The reverse recurrence in forward_core's register blocks, kBlockSteps steps at a time from the last.
+template <bool kShared>
 COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
   v8f lanes_ddelta[kMaxChunk + 8], lanes_du[kMaxChunk + 8];  // per step, folded to eight lanes
-  const int rp = kV > 0 ? 8 * kV : round8(a.r);
-  // One vector of states at step t: gradients added to dB/dC rows, dA and the carry updated (in registers
-  // or in memory), dΔ_t and du_t folded into the step's lanes.
-  const auto step = [&](int t, int k, v8f& carry, v8f A, v8f& dA, v8f dy, v8f d, v8f u, v8f& ddelta, v8f& du) {
-    const float* hp = t > 0 ? a.hist + static_cast<int64_t>(t - 1) * rp : a.h_in;
-    const float* ht = a.hist + static_cast<int64_t>(t) * rp;
-    const StepGradsOf<v8f> g = reverse_step(carry, dy, d, A, u, load8(a.B + t * a.ldb + k),
-                                            load8(a.C + t * a.ldc + k), load8(hp + k), load8(ht + k));
-    float* dBt = a.dB + t * a.lddb + k;
-    float* dCt = a.dC + t * a.lddc + k;
-    store8(dBt, load8(dBt) + g.dB);
-    store8(dCt, load8(dCt) + g.dC);
-    dA += g.dA;
-    carry = g.carry;
-    ddelta += g.ddelta;
-    du += g.du;
-  };
-  if constexpr (kV > 0) {
-    v8f carry[kV], A[kV], dA[kV];
-    for (int j = 0; j < kV; ++j) {
-      carry[j] = load8(a.carry + 8 * j), A[j] = load8(a.A + 8 * j), dA[j] = load8(a.dA + 8 * j);
-    }
-    for (int t = a.T - 1; t >= 0; --t) {
-      const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), u = broadcast8(a.u[t]);
-      v8f ddelta{}, du{};
-      for (int j = 0; j < kV; ++j) step(t, 8 * j, carry[j], A[j], dA[j], dy, d, u, ddelta, du);
-      lanes_ddelta[t] = ddelta;
-      lanes_du[t] = du;
-    }
-    for (int j = 0; j < kV; ++j) store8(a.carry + 8 * j, carry[j]), store8(a.dA + 8 * j, dA[j]);
-  } else {
-    for (int t = a.T - 1; t >= 0; --t) {
-      const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), u = broadcast8(a.u[t]);
-      v8f ddelta{}, du{};
-      for (int k = 0; k < rp; k += 8) {
-        v8f carry = load8(a.carry + k), dA = load8(a.dA + k);
-        step(t, k, carry, load8(a.A + k), dA, dy, d, u, ddelta, du);
-        store8(a.carry + k, carry);
-        store8(a.dA + k, dA);
-      }
-      lanes_ddelta[t] = ddelta;
-      lanes_du[t] = du;
+  const int rp = round8(a.r);
+  if (rp == 0) {  // a channel whose mask keeps no state
+    std::fill_n(lanes_ddelta, a.T, v8f{});
+    std::fill_n(lanes_du, a.T, v8f{});
+  }
+  for (int t1 = rp > 0 ? a.T : 0; t1 > 0; t1 -= kBlockSteps) {
+    const int t0 = std::max(0, t1 - kBlockSteps);
+    reverse_block_sized<kShared, true>(a, 0, std::min(rp, 64), rp, t0, t1, lanes_ddelta, lanes_du);
+    for (int k0 = 64; k0 < rp; k0 += 64) {
+      reverse_block_sized<kShared, false>(a, k0, std::min(rp, k0 + 64), rp, t0, t1, lanes_ddelta, lanes_du);
     }
   }
   sum_steps(lanes_ddelta, a.T, a.ddelta);
   sum_steps(lanes_du, a.T, a.du);
 }
 
-COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {  // the sizes of forward_core_sized
-  switch (round8(a.r) / 8) {
-    case 1: reverse_core<1>(a); break;
-    case 2: reverse_core<2>(a); break;
-    case 3: reverse_core<3>(a); break;
-    case 4: reverse_core<4>(a); break;
-    case 8: reverse_core<8>(a); break;
-    default: reverse_core<0>(a);
+COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
+  if (a.decay) {
+    reverse_core<true>(a);
+  } else {
+    reverse_core<false>(a);
   }
 }
 COMPRESSM_DISPATCH(reverse_core, ReverseArgs)
 
 // Per-step math of one channel over T steps (vectorised across steps): delta receives Δ from the raw δ, grad
-// (nullptr in the forward, which has no use for it) dΔ/dδ, and delta_u Δ·u.
+// (nullptr in the forward, which has no use for it) dΔ/dδ, delta_u Δ·u, and decay (when given) ā = exp(Δ·A) for
+// a channel whose states share A.
 struct DiscretizeArgs {
   int T;
   float bias;
@@ -218,6 +280,8 @@ struct DiscretizeArgs {
   float* grad;
   float* delta_u;
   const float* u;
+  float A = 0.0f;
+  float* decay = nullptr;
 };
 
 COMPRESSM_ALWAYS_INLINE void discretize_steps_impl(const DiscretizeArgs& a) {
@@ -233,6 +297,10 @@ COMPRESSM_ALWAYS_INLINE void discretize_steps_impl(const DiscretizeArgs& a) {
     if (grad) std::fill_n(grad, a.T, 1.0f);
   }
   for (int t = 0; t < a.T; ++t) delta_u[t] = delta[t] * u[t];
+  if (a.decay) {
+    float* __restrict decay = a.decay;
+    for (int t = 0; t < a.T; ++t) decay[t] = exp_f32(delta[t] * a.A);
+  }
 }
 COMPRESSM_DISPATCH(discretize_steps, DiscretizeArgs)
 
@@ -369,14 +437,14 @@ Rows variable_rows(const Operand& x, bool variable, int groups, int width, const
 // Per-thread working memory, sized once per thread.
 struct Scratch {
   std::vector<float> A, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;  // (NP,)
-  std::vector<float> delta, delta_grad, delta_u, y, dy, ddelta, du, dz;    // (chunk,)
+  std::vector<float> delta, delta_grad, delta_u, decay, y, dy, ddelta, du, dz;  // (chunk,)
   std::vector<float> raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
   std::vector<float> hist, B_gather, C_gather, dB_gather, dC_gather;        // (chunk, NP)
 
   Scratch(int N, int chunk, bool backward)
       : A(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)), B_inv(round8(N)),
         C_inv(round8(N)), dB_inv(round8(N)), dC_inv(round8(N)), delta(chunk), delta_grad(chunk), delta_u(chunk),
-        y(chunk), dy(chunk), ddelta(chunk), du(chunk), dz(chunk), raw(chunk), u(chunk), z(chunk), dout(chunk),
+        decay(chunk), y(chunk), dy(chunk), ddelta(chunk), du(chunk), dz(chunk), raw(chunk), u(chunk), z(chunk), dout(chunk),
         B_gather(static_cast<size_t>(chunk) * round8(N)), C_gather(static_cast<size_t>(chunk) * round8(N)) {
     if (backward) {
       hist.resize(static_cast<size_t>(chunk) * round8(N));
@@ -508,6 +576,9 @@ struct Channel {
   int64_t act;          // offset of (b, d, 0) in u / delta / z / dout
   int64_t dense;        // offset of (b, d, 0) in the contiguous (Bt, D, L) outputs
   float D, bias;
+  // Every kept state has the same A (Mamba-2's heads: one A per head, as a (D, N) A with equal rows): the
+  // decay is then one exp per step (ForwardArgs::decay), not one per state.
+  bool shared_A = false;
 
   Channel() = default;
   Channel(const ScanParams& p, int b_, int d_, Scratch& s) : b(b_), d(d_) {
@@ -525,6 +596,7 @@ struct Channel {
       if (!p.c_variable) s.C_inv[k] = static_cast<const float*>(p.C.data)[d * p.C.stride0 + n * p.C.stride1];
     }
     for (int k = r; k < round8(r); ++k) s.A[k] = s.B_inv[k] = s.C_inv[k] = 0.0f;
+    shared_A = r > 1 && std::all_of(s.A.begin() + 1, s.A.begin() + r, [&](float A) { return A == s.A[0]; });
   }
   int state(int k) const { return kept ? kept[k] : k; }
 };
@@ -556,7 +628,8 @@ const float* load_steps(const ScanParams& p, const Channel& ch, int t0, int T, b
   const float* raw = steps_in(p.delta, ch.b * p.delta.stride0 + ch.d * p.delta.stride1 + t0, T, s.raw);
   const float* u = steps_in(p.u, ch.act + t0, T, s.u);
   float* delta_grad = grad ? s.delta_grad.data() : nullptr;
-  discretize_steps({T, ch.bias, p.delta_softplus, raw, s.delta.data(), delta_grad, s.delta_u.data(), u});
+  discretize_steps({T, ch.bias, p.delta_softplus, raw, s.delta.data(), delta_grad, s.delta_u.data(), u, s.A[0],
+                    ch.shared_A ? s.decay.data() : nullptr});
   return u;
 }
 
@@ -590,7 +663,7 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
     const ChannelRows rows = channel_rows(B, C, p, b, d, t0, ch.r, ch.kept, T, s);
     float* y = steps_out(p.out, p.u.dtype, ch.dense + t0, s.y);
     forward_core({ch.r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
-                  rows.ldc, y, nullptr});
+                  rows.ldc, y, nullptr, ch.shared_A ? s.decay.data() : nullptr});
 
     float* carry = p.carries + ((static_cast<int64_t>(b) * p.dim + d) * n_chunks + c) * N;
     if (ch.kept) std::fill_n(carry, N, 0.0f);  // masked states stay exactly 0
@@ -641,7 +714,7 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     for (int k = 0; k < r; ++k) s.h_in[k] = c > 0 ? saved[ch.state(k)] : 0.0f;
     std::copy_n(s.h_in.begin(), rp, s.h.begin());
     forward_core_hist({r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
-                       rows.ldc, s.y.data(), s.hist.data()});
+                       rows.ldc, s.y.data(), s.hist.data(), ch.shared_A ? s.decay.data() : nullptr});
 
     const float* dy = gate_backward(p, ch, t0, T, u, s.y.data(), s, &dD);
 
@@ -667,7 +740,8 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     float* ddelta = steps_out(p.ddelta, p.delta.dtype, ch.dense + t0, s.ddelta);
     float* du = steps_out(p.du, p.u.dtype, ch.dense + t0, s.du);
     reverse_core({r, T, s.A.data(), s.carry.data(), s.delta.data(), u, dy, rows.B, rows.ldb, rows.C, rows.ldc,
-                  s.h_in.data(), s.hist.data(), dBp, lddb, dCp, lddc, s.dA.data(), ddelta, du});
+                  s.h_in.data(), s.hist.data(), dBp, lddb, dCp, lddc, s.dA.data(), ddelta, du,
+                  ch.shared_A ? s.decay.data() : nullptr});
     if (ch.kept) {  // add the kept states' columns back at their state indices
       if (p.b_variable) scatter_add_columns({s.dB_gather.data(), p.seqlen, T, r, ch.kept, dB_rows});
       if (p.c_variable) scatter_add_columns({s.dC_gather.data(), p.seqlen, T, r, ch.kept, dC_rows});

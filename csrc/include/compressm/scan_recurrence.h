@@ -230,10 +230,16 @@ COMPRESSM_HOST_DEVICE F decay(F delta, F A) {
 
 // --------------------------------------------------------------------------------- one state, one step
 
-// h_t = ā_t · h_{t-1} + Δ_t · u_t · B_t (delta_u = Δ_t · u_t, shared by all states of the channel).
+// h_t = ā_t · h_{t-1} + Δ_t · u_t · B_t (delta_u = Δ_t · u_t, shared by all states of the channel), with ā_t
+// given: a channel whose states share one A (Mamba-2's heads) computes it once per step.
+template <typename F>
+COMPRESSM_HOST_DEVICE F forward_step_decayed(F h_prev, F a, F delta_u, F B) {
+  return a * h_prev + delta_u * B;
+}
+
 template <typename F>
 COMPRESSM_HOST_DEVICE F forward_step(F h_prev, F delta, F A, F delta_u, F B) {
-  return decay(delta, A) * h_prev + delta_u * B;
+  return forward_step_decayed(h_prev, decay(delta, A), delta_u, B);
 }
 
 // Gradient contributions of one state (or one vector of states) at one step (see the header comment).
@@ -244,10 +250,10 @@ struct StepGradsOf {
 };
 using StepGrads = StepGradsOf<float>;
 
-// carry = ā_{t+1} g_{t+1} (or ∂loss/∂h_{L-1} at the last step); h_prev = h_{t-1}; h = h_t.
+// carry = ā_{t+1} g_{t+1} (or ∂loss/∂h_{L-1} at the last step); h_prev = h_{t-1}; h = h_t; a = ā_t.
 template <typename F>
-COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step(F carry, F dy, F delta, F A, F u, F B, F C, F h_prev, F h) {
-  const F a = decay(delta, A);
+COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step_decayed(F carry, F dy, F delta, F A, F a, F u, F B, F C, F h_prev,
+                                                          F h) {
   const F g = dy * C + carry;
   const F g_delta = g * delta;
   StepGradsOf<F> out;
@@ -258,6 +264,11 @@ COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step(F carry, F dy, F delta, F A, F
   out.dA = g_delta * a * h_prev;
   out.carry = a * g;
   return out;
+}
+
+template <typename F>
+COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step(F carry, F dy, F delta, F A, F u, F B, F C, F h_prev, F h) {
+  return reverse_step_decayed(carry, dy, delta, A, decay(delta, A), u, B, C, h_prev, h);
 }
 
 // ------------------------------------------------------------------------------- one state, one chunk
