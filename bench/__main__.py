@@ -12,9 +12,10 @@ import time
 
 import torch
 
-from . import block, conv, decode, hankel, hf, scan
+from . import block, conv, decode, hankel, hf, scan, ssd
 
-SUITES = {"scan": scan, "decode": decode, "block": block, "conv": conv, "hankel": hankel, "hf": hf}
+SUITES = {"scan": scan, "decode": decode, "block": block, "conv": conv, "hankel": hankel, "hf": hf,
+          "ssd": ssd}
 
 
 def _common(p: argparse.ArgumentParser) -> None:

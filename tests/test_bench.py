@@ -28,6 +28,7 @@ SUITES = {
     "conv": ["--dims", "8", "--batch", "1", "--seqlen", "8", "--width", "3"],
     "hankel": ["--dims", "4", "--dstates", "4", "--batch", "1", "--seqlen", "8", "--scipy-max-dim", "4"],
     "hf": ["--d-model", "8", "--layers", "1", "--dstate", "2", "--batch", "1", "--seqlen", "8", "--new", "2"],
+    "ssd": ["--batch", "1", "--seqlen", "64", "--heads", "2", "--headdim", "4", "--dstates", "8,4"],
 }
 
 
@@ -55,6 +56,9 @@ def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.C
         assert all(r["extra"]["tok/s"] > 0 for r in rows)
     if suite == "conv":
         assert {r["extra"]["op"] for r in rows} == {"fwd", "fwd+bwd", "decode step"}
+    if suite == "ssd":
+        assert {(r["extra"]["impl"], r["extra"]["op"]) for r in rows} == {
+            (impl, op) for impl in ("minimal", "ours") for op in ("fwd", "fwd+bwd")}
     if suite == "hf":
         assert {r["extra"]["op"] for r in rows} == {"train step", "forward", "generate"}
         assert {r["extra"]["path"] for r in rows} == {"transformers", "compressm"}

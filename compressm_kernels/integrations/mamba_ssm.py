@@ -1,4 +1,4 @@
-"""Run stock mamba_ssm (v2.3.x, Mamba-1) on our kernels, including on machines without a GPU.
+"""Run stock mamba_ssm (v2.3.x, Mamba-1 and Mamba-2) on our kernels, including on machines without a GPU.
 
 Call :func:`install` once, before importing mamba_ssm::
 
@@ -15,13 +15,14 @@ Call :func:`install` once, before importing mamba_ssm::
   so causal_conv1d imports and mamba_ssm's fused ``mamba_inner_fn`` path runs;
 
 and, for CPU tensors only (CUDA tensors keep mamba_ssm's Triton kernels), routes mamba_ssm's Triton
-``selective_state_update`` to :func:`compressm_kernels.selective_state_update` and its Triton
-LayerNorm/RMSNorm (``layer_norm_fn``, ``rms_norm_fn``, ``RMSNorm``, i.e. ``rms_norm=True`` and
-``fused_add_norm=True``) to a PyTorch implementation. What cannot run raises ``NotImplementedError`` with
-the reason (complex A; mamba_ssm's B/C/dt RMSNorm weights in its fused path; ``seq_idx``,
-``cache_seqlens``/``conv_state_indices`` in causal conv; x1/weight1/rowscale/dropout masks in LayerNorm;
-multi-head (Mamba-2) state updates on CPU). ``generate(cg=True)`` (CUDA graphs) and
-``enable_timing=True`` need CUDA.
+``selective_state_update`` (Mamba-1's ``(Bt, D, N)`` and Mamba-2's ``(Bt, H, P, N)`` states) to
+:func:`compressm_kernels.selective_state_update`, its LayerNorm/RMSNorm (``layer_norm_fn``, ``rms_norm_fn``,
+``RMSNorm``, i.e. ``rms_norm=True`` and ``fused_add_norm=True``) and Mamba-2's gated norm to PyTorch, and
+Mamba-2's ``mamba_chunk_scan_combined`` / ``mamba_split_conv1d_scan_combined`` to :mod:`.mamba_ssm_ssd`. What
+cannot run raises ``NotImplementedError`` with the reason (complex A; mamba_ssm's B/C/dt RMSNorm weights in its
+fused path; ``seq_idx``, ``cache_seqlens``/``conv_state_indices`` in causal conv; x1/weight1/rowscale/dropout
+masks in LayerNorm; Mamba-2's ``initial_states``, ``seq_idx`` and ``cu_seqlens``). ``generate(cg=True)`` (CUDA
+graphs) and ``enable_timing=True`` need CUDA.
 """
 
 from __future__ import annotations
