@@ -128,21 +128,31 @@ def oracle_mamba2(layer: Mamba2, u: torch.Tensor) -> torch.Tensor:
     x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
     heads = (u.shape[0], seqlen, nheads, layer.headdim)
     groups = (u.shape[0], seqlen, ngroups, dstate)
-    y, _ = oracle_scan(x.reshape(heads), dt, -torch.exp(p["A_log"]), B.reshape(groups), C.reshape(groups), p["D"],
-                       None, p["dt_bias"], layer.dt_limit)
-    y = rms_norm_ref(y.reshape(*u.shape[:2], dim), p["norm.weight"], None, z=z, eps=layer.norm.eps,
-                     group_size=dim // ngroups, norm_before_gate=layer.norm_before_gate)
+    y, _ = oracle_scan(x.reshape(heads), dt, -torch.exp(p["A_log"]), B.reshape(groups), C.reshape(groups),
+                       p["D"].reshape(nheads, -1) if layer.D_has_hdim else p["D"],
+                       None if layer.rmsnorm else z.reshape(heads), p["dt_bias"], layer.dt_limit)
+    y = y.reshape(*u.shape[:2], dim)
+    if layer.rmsnorm:
+        y = rms_norm_ref(y, p["norm.weight"], None, z=z, eps=layer.norm.eps, group_size=dim // ngroups,
+                         norm_before_gate=layer.norm_before_gate)
     if d_mlp > 0:
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
     return F.linear(y, p["out_proj.weight"])
 
 
+VARIANTS = {
+    "all-ssm": {},
+    "with-mlp": {"d_ssm": 48},
+    "no-norm-D-per-channel-dt-limit": {"rmsnorm": False, "D_has_hdim": True, "dt_limit": (0.05, 0.4)},
+}
+
+
 @pytest.mark.parametrize("mem_eff", [True, False], ids=["fused-path", "unfused-path"])
-@pytest.mark.parametrize("d_ssm", [None, 48], ids=["all-ssm", "with-mlp"])
-def test_stock_mamba2_layer_forward_backward_equals_oracle(mem_eff: bool, d_ssm: int | None) -> None:
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_stock_mamba2_layer_forward_backward_equals_oracle(mem_eff: bool, variant: str) -> None:
     torch.manual_seed(0)
-    layer = Mamba2(d_model=32, d_state=13, d_conv=4, expand=2, headdim=8, ngroups=2, d_ssm=d_ssm, chunk_size=16,
-                   use_mem_eff_path=mem_eff, norm_before_gate=False)
+    layer = Mamba2(d_model=32, d_state=13, d_conv=4, expand=2, headdim=8, ngroups=2, chunk_size=16,
+                   use_mem_eff_path=mem_eff, norm_before_gate=False, **VARIANTS[variant])
     u = torch.randn(2, 37, 32, requires_grad=True)
     dy = torch.randn(2, 37, 32)
     y = layer(u)
@@ -224,3 +234,20 @@ def test_unsupported_mamba2_arguments_raise_with_reason() -> None:
     with pytest.raises(ValueError, match="A must have shape"):
         mamba_step(state, torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 4), torch.zeros(1, 1, 4),
                    torch.zeros(1, 1, 4))
+
+
+def test_stock_mamba2_lm_in_bfloat16_matches_float32() -> None:
+    """A bf16 Mamba-2 model (the scan upcasts Δ and runs fp32 inside) gives the fp32 model's logits to bf16
+    precision, and generates."""
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=40, rms_norm=True, fused_add_norm=True,
+                      ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 8, "chunk_size": 16})
+    model = MambaLMHeadModel(cfg)
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+        model = model.to(torch.bfloat16)
+        got = model(ids).logits
+    assert got.dtype == torch.bfloat16
+    assert_close(got, want, torch.bfloat16, "bf16 logits")
+    assert model.generate(ids, max_length=12).shape == (2, 12)
