@@ -56,7 +56,7 @@ run_step bench 150 "$OUT/bench.log" "$PY" -m bench scan --device cuda --backends
   --dstates 128,64,32,16,12,8 --json-dir "$OUT" --plots-dir "$OUT"
 # The other suites at their quick sizes (decode step vs mamba_ssm's Triton step, block before/after surgery,
 # Hankel energies, Mamba-2's scan vs mamba_ssm's Triton SSD); the scan table above stays the one the summary shows.
-run_step bench-rest 150 "$OUT/bench_rest.log" bash -c \
+run_step bench-rest 120 "$OUT/bench_rest.log" bash -c \
   "for s in decode block hankel ssd; do \"$PY\" -m bench \$s --device cuda --quick --json-dir '$OUT' --plots-dir '$OUT' || exit 1; done"
 
 echo
