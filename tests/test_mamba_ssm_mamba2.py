@@ -251,3 +251,61 @@ def test_stock_mamba2_lm_in_bfloat16_matches_float32() -> None:
     assert got.dtype == torch.bfloat16
     assert_close(got, want, torch.bfloat16, "bf16 logits")
     assert model.generate(ids, max_length=12).shape == (2, 12)
+
+
+def test_routes_take_their_first_argument_by_name() -> None:
+    t = {k: (v.detach() if v is not None else None) for k, v in scan_inputs().items()}
+    by_position = ssd_combined.mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], 16)
+    by_name = ssd_combined.mamba_chunk_scan_combined(x=t["x"], dt=t["dt"], A=t["A"], B=t["B"], C=t["C"], chunk_size=16)
+    assert torch.equal(by_position, by_name)
+    state = torch.zeros(2, 4, 3, 13)
+    y = mamba_step(state=state, x=t["x"][:, 0], dt=t["x"][:, 0], A=-torch.ones(4, 3, 13), B=t["B"][:, 0],
+                   C=t["C"][:, 0])
+    assert y.shape == (2, 4, 3) and state.abs().sum() > 0
+
+
+@pytest.mark.parametrize("heads", [True, False], ids=["(Bt, H, P, N)", "(Bt, D, N)"])
+def test_negative_state_batch_index_is_a_padding_row(heads: bool) -> None:
+    """As mamba_ssm's kernel: row b advances state[indices[b]]; a negative index outputs 0 and touches no state."""
+    gen = torch.Generator().manual_seed(6)
+    slots, shape = 4, (4, 3) if heads else (12,)
+    state = torch.randn(slots, *shape, 5, generator=gen)
+    x, dt = torch.randn(3, *shape, generator=gen), torch.randn(3, *shape, generator=gen)
+    A = -torch.rand(*shape, 5, generator=gen) - 0.5
+    B, C = (torch.randn(3, *((2,) if heads else ()), 5, generator=gen) for _ in range(2))
+    indices = torch.tensor([2, -1, 0])
+    mine = state.clone()
+    y = mamba_step(mine, x, dt, A, B, C, dt_softplus=True, state_batch_indices=indices)
+    assert torch.all(y[1] == 0)
+    assert torch.equal(mine[1], state[1]) and torch.equal(mine[3], state[3])  # untouched slots
+    for row, slot in ((0, 2), (2, 0)):
+        want_state = state[slot:slot + 1].double().clone()
+        want = mamba_step_ref(want_state, x[row:row + 1].double(), dt[row:row + 1].double(), A.double(),
+                              B[row:row + 1].double(), C[row:row + 1].double(), dt_softplus=True)
+        assert_close(y[row:row + 1], want, F32, f"y[{row}]")
+        assert_close(mine[slot:slot + 1], want_state, F32, f"state[{slot}]")
+
+
+def test_bad_mamba2_shapes_raise_naming_the_argument() -> None:
+    t = {k: (v.detach() if v is not None else None) for k, v in scan_inputs().items()}
+    x, dt, A, B, C = t["x"], t["dt"], t["A"], t["B"], t["C"]
+    with pytest.raises(ValueError, match="C must have shape"):
+        ssd.ssd_scan(x, dt, A, B, C[:, :, :1])
+    with pytest.raises(ValueError, match="z must have shape"):
+        ssd.ssd_scan(x, dt, A, B, C, z=torch.zeros(2, 37, 3, 4))  # (Bt, L, P, H) for x's (Bt, L, H, P)
+    with pytest.raises(ValueError, match="D must have shape"):
+        ssd.ssd_scan(x, dt, A, B, C, D=torch.ones(3, 4))
+    with pytest.raises(ValueError, match="dt_bias must have shape"):
+        ssd.ssd_scan(x, dt, A, B, C, dt_bias=torch.ones(1))
+    with pytest.raises(ValueError, match="z must have shape"):
+        rmsnorm_fn(torch.randn(2, 3, 16), torch.ones(16), None, z=torch.randn(4, 2, 3, 16))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rmsnorm_fn(torch.randn(2, 3, 16), torch.ones(1), None)
+    with pytest.raises(ValueError, match="outproj_bias needs outproj_weight"):
+        ssd.split_conv1d_scan_combined(torch.randn(1, 8, 2 * 8 + 2 * 4 + 2), torch.randn(8 + 2 * 4, 4), None,
+                                       torch.zeros(2), -torch.ones(2), torch.ones(2), 16, headdim=4,
+                                       outproj_bias=torch.zeros(8))
+    state = torch.zeros(1, 3, 2, 4)  # 3 heads cannot share 2 groups
+    with pytest.raises(ValueError, match="B must have shape"):
+        mamba_step(state, torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), torch.zeros(3, 2, 4), torch.zeros(1, 2, 4),
+                   torch.zeros(1, 2, 4))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 import types
@@ -226,10 +227,14 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
 
 # ---- CPU routes for mamba_ssm's Triton kernels -------------------------------------------------------
 def _route(original, on_cpu):
-    """``original`` for CUDA tensors, ``on_cpu`` otherwise, by the device of the first argument."""
+    """``original`` for CUDA tensors, ``on_cpu`` otherwise, by the device of the first argument (given by position
+    or by name)."""
+    first_name = next(iter(inspect.signature(original).parameters))
+
     @functools.wraps(original)
-    def routed(first, *args, **kwargs):
-        return (original if first.is_cuda else on_cpu)(first, *args, **kwargs)
+    def routed(*args, **kwargs):
+        first = args[0] if args else kwargs[first_name]
+        return (original if first.is_cuda else on_cpu)(*args, **kwargs)
 
     setattr(routed, _MARK, True)
     return routed
@@ -248,29 +253,35 @@ class _ApplyRouter:
 
 def _cpu_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                       state_batch_indices=None):
-    """mamba_ssm's ``selective_state_update`` on :func:`compressm_kernels.selective_state_update`."""
-    if state.dim() == 4:  # Mamba-2: (Bt, H, P, N), heads of P channels; as (Bt, H·P, N) channels
-        return _multi_head_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
-    if state.dim() != 3:
+    """mamba_ssm's ``selective_state_update`` on :func:`compressm_kernels.selective_state_update`.
+
+    With ``state_batch_indices``, row b advances ``state[state_batch_indices[b]]``, and a negative index marks a
+    padding row, whose output is 0 and which touches no state (mamba_ssm's kernel)."""
+    if state.dim() not in (3, 4):
         raise NotImplementedError("selective_state_update on CPU (compressm_kernels) takes states (Bt, D, N) or "
                                   f"(Bt, H, P, N), got {tuple(state.shape)}")
+    step = _our_state_update if state.dim() == 3 else _multi_head_state_update  # Mamba-1 / Mamba-2
     if state_batch_indices is None:
-        return _our_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    picked = state[state_batch_indices]
-    y = _our_state_update(picked, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    state[state_batch_indices] = picked
+        return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if tuple(state_batch_indices.shape) != (x.shape[0],):
+        raise ValueError(f"state_batch_indices must have shape (Bt,) = ({x.shape[0]},), got "
+                         f"{tuple(state_batch_indices.shape)}")
+    live = state_batch_indices >= 0
+    rows = state_batch_indices[live]
+    y = torch.zeros_like(x)
+    if len(rows):
+        picked = state[rows]
+        y[live] = step(picked, x[live], dt[live], A, B[live], C[live], D, None if z is None else z[live], dt_bias,
+                       dt_softplus)
+        state[rows] = picked
     return y
 
 
-def _multi_head_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+def _multi_head_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     """mamba_ssm's multi-head step: state ``(Bt, H, P, N)``, x/dt/z ``(Bt, H, P)``, A ``(H, P, N)``, B/C
-    ``(Bt, G, N)``, D/dt_bias ``(H, P)``; the heads' channels flattened, B/C groups over them as over heads."""
+    ``(Bt, G, N)`` with G dividing H, D/dt_bias ``(H, P)``; the heads' channels flattened, B/C groups over them as
+    over heads."""
     batch, nheads, headdim, dstate = state.shape
-    if state_batch_indices is not None:
-        picked = state[state_batch_indices]
-        y = _multi_head_state_update(picked, x, dt, A, B, C, D, z, dt_bias, dt_softplus, None)
-        state[state_batch_indices] = picked
-        return y
     channels = nheads * headdim
     expected = {"x": (batch, nheads, headdim), "dt": (batch, nheads, headdim), "A": (nheads, headdim, dstate),
                 "D": (nheads, headdim), "z": (batch, nheads, headdim), "dt_bias": (nheads, headdim)}
@@ -278,6 +289,10 @@ def _multi_head_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, 
         if t is not None and tuple(t.shape) != expected[name]:
             raise ValueError(f"selective_state_update with a (Bt, H, P, N) state: {name} must have shape "
                              f"{expected[name]}, got {tuple(t.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() != 3 or t.shape != B.shape or t.shape[0] != batch or nheads % t.shape[1] or t.shape[2] != dstate:
+            raise ValueError(f"selective_state_update with a (Bt, H, P, N) state: {name} must have shape (Bt, G, N) "
+                             f"with G dividing H={nheads} (B and C alike), got {tuple(t.shape)}")
     flat = state.reshape(batch, channels, dstate)  # a view when it can be, else a copy written back below
     y = _our_state_update(flat, x.reshape(batch, channels), dt.reshape(batch, channels), A.reshape(channels, dstate),
                           B, C, None if D is None else D.reshape(channels),

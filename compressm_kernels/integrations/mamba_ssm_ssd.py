@@ -55,9 +55,13 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
     if A.shape != (nheads,):
         raise ValueError(f"A must have shape (H,) = ({nheads},), got {tuple(A.shape)}")
     for name, t in (("B", B), ("C", C)):
-        if t.dim() != 4 or t.shape[:2] != (batch, seqlen) or nheads % t.shape[2] != 0:
+        if t.dim() != 4 or t.shape[:2] != (batch, seqlen) or nheads % t.shape[2] != 0 or t.shape != B.shape:
             raise ValueError(f"{name} must have shape (Bt, L, G, N) with Bt={batch}, L={seqlen} and G dividing "
-                             f"H={nheads}, got {tuple(t.shape)}")
+                             f"H={nheads} (B and C alike), got {tuple(t.shape)}")
+    expected = {"D": ((nheads,), (nheads, headdim)), "z": (tuple(x.shape),), "dt_bias": ((nheads,),)}
+    for name, t in (("D", D), ("z", z), ("dt_bias", dt_bias)):
+        if t is not None and tuple(t.shape) not in expected[name]:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, expected[name]))}, got {tuple(t.shape)}")
     dstate = B.shape[-1]
     delta = dt.float()
     if dt_bias is not None:
@@ -99,6 +103,10 @@ def gated_norm(x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor | None 
 
     Normalises each group of ``group_size`` features (all of them by default), then ``· weight + bias``;
     with ``z``, multiplies by ``silu(z)`` after the norm (``norm_before_gate``) or before it."""
+    features = x.shape[-1]
+    for name, t, shape in (("z", z, x.shape), ("weight", weight, (features,)), ("bias", bias, (features,))):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     h = x.float()
     gate = None if z is None else F.silu(z.float())
     if gate is not None and not norm_before_gate:
@@ -127,6 +135,8 @@ def split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D
     _unsupported("mamba_split_conv1d_scan_combined", initial_states=initial_states, seq_idx=seq_idx)
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if outproj_bias is not None and outproj_weight is None:
+        raise ValueError("outproj_bias needs outproj_weight")
     if D.dim() == 1:
         if headdim is None:
             raise ValueError("headdim is needed when D has shape (H,)")

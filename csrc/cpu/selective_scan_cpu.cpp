@@ -204,18 +204,35 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
     float* dB = a.dB + t * a.lddb + k0;
     float* dC = a.dC + t * a.lddc + k0;
     v8f ddelta = kFirst ? v8f{} : lanes_ddelta[t], du = kFirst ? v8f{} : lanes_du[t];
-    for (int j = 0; j < kV; ++j) {
-      const int k = 8 * j;
-      const StepGradsOf<v8f> g =
-          kShared ? reverse_step_decayed(carry[j], dy, d, A[j], broadcast8(a.decay[t]), u, load8(B + k), load8(C + k),
-                                         load8(hp + k), load8(ht + k))
-                  : reverse_step(carry[j], dy, d, A[j], u, load8(B + k), load8(C + k), load8(hp + k), load8(ht + k));
-      store8(dB + k, load8(dB + k) + g.dB);
-      store8(dC + k, load8(dC + k) + g.dC);
-      dA[j] += g.dA;
-      carry[j] = g.carry;
-      ddelta += g.ddelta;
-      du += g.du;
+    if constexpr (kShared) {
+      // One A for every state, so the per-state terms of dΔ_t and du_t factor: with g = ∂loss/∂h_t,
+      // dΔ_t = A ā_t Σ g h_{t-1} + u_t Σ g B_t and du_t = Δ_t Σ g B_t. The lanes collect the two sums (reverse_core
+      // finishes them); per state there remain dA, dB, dC and the carry: half of reverse_step's work.
+      const v8f a_t = broadcast8(a.decay[t]), da_t = broadcast8(a.delta[t] * a.decay[t]);
+      const v8f du_t = broadcast8(a.delta[t] * a.u[t]);
+      for (int j = 0; j < kV; ++j) {
+        const int k = 8 * j;
+        const v8f g = dy * load8(C + k) + carry[j];
+        const v8f gh = g * load8(hp + k);
+        store8(dB + k, load8(dB + k) + g * du_t);
+        store8(dC + k, load8(dC + k) + dy * load8(ht + k));
+        dA[j] += da_t * gh;
+        carry[j] = a_t * g;
+        ddelta += gh;                // Σ g h_{t-1}
+        du += g * load8(B + k);      // Σ g B_t
+      }
+    } else {
+      for (int j = 0; j < kV; ++j) {
+        const int k = 8 * j;
+        const StepGradsOf<v8f> g =
+            reverse_step(carry[j], dy, d, A[j], u, load8(B + k), load8(C + k), load8(hp + k), load8(ht + k));
+        store8(dB + k, load8(dB + k) + g.dB);
+        store8(dC + k, load8(dC + k) + g.dC);
+        dA[j] += g.dA;
+        carry[j] = g.carry;
+        ddelta += g.ddelta;
+        du += g.du;
+      }
     }
     lanes_ddelta[t] = ddelta;
     lanes_du[t] = du;
@@ -257,6 +274,14 @@ COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
   }
   sum_steps(lanes_ddelta, a.T, a.ddelta);
   sum_steps(lanes_du, a.T, a.du);
+  if constexpr (kShared) {  // from the sums of reverse_block's shared-A steps to dΔ_t and du_t
+    const float A = a.A[0];
+    for (int t = 0; t < a.T; ++t) {
+      const float gh = a.ddelta[t], gB = a.du[t];
+      a.ddelta[t] = A * a.decay[t] * gh + a.u[t] * gB;
+      a.du[t] = a.delta[t] * gB;
+    }
+  }
 }
 
 COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
