@@ -27,14 +27,15 @@ from mamba_ssm.ops.triton.selective_state_update import selective_state_update a
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update_ref as mamba_step_ref  # noqa: E402
 
 
-def oracle_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit):
+def oracle_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states=None):
     """Float64 Mamba-2 scan from mamba_ssm's minimal SSD (one chunk of the whole sequence)."""
     x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
     heads, groups = x.shape[2], B.shape[2]
     delta = F.softplus(dt + dt_bias.double()).clamp(*dt_limit)
     per_head = heads // groups
     y, final = ssd_minimal_discrete(x * delta[..., None], A * delta, B.repeat_interleave(per_head, 2),
-                                    C.repeat_interleave(per_head, 2), block_len=x.shape[1])
+                                    C.repeat_interleave(per_head, 2), block_len=x.shape[1],
+                                    initial_states=None if initial_states is None else initial_states.double()[:, None])
     if D is not None:
         y = y + (D.double()[:, None] if D.dim() == 1 else D.double()) * x
     if z is not None:
@@ -58,24 +59,31 @@ def scan_inputs(batch=2, seqlen=37, heads=4, headdim=3, groups=2, dstate=13, see
     return {k: (v.requires_grad_(True) if v is not None else None) for k, v in t.items()}
 
 
-@pytest.mark.parametrize(("d_per_channel", "gate", "dt_limit"),
-                         [(False, True, (0.0, math.inf)), (True, False, (0.0, math.inf)), (False, False, (0.1, 0.3))],
-                         ids=["D-per-head-gated", "D-per-channel", "dt-limit"])
-def test_chunk_scan_combined_route_matches_minimal_ssd(d_per_channel: bool, gate: bool, dt_limit) -> None:
+@pytest.mark.parametrize(("d_per_channel", "gate", "dt_limit", "initial"),
+                         [(False, True, (0.0, math.inf), False), (True, False, (0.0, math.inf), False),
+                          (False, False, (0.1, 0.3), False), (False, True, (0.0, math.inf), True),
+                          (True, False, (0.1, 0.3), True)],
+                         ids=["D-per-head-gated", "D-per-channel", "dt-limit", "initial-states-gated",
+                              "initial-states-dt-limit"])
+def test_chunk_scan_combined_route_matches_minimal_ssd(d_per_channel: bool, gate: bool, dt_limit,
+                                                       initial: bool) -> None:
     """mamba_ssm's mamba_chunk_scan_combined on CPU (our route): output, final state and every gradient ==
-    the float64 minimal SSD, with N = 13, L = 37, 2 groups over 4 heads."""
+    the float64 minimal SSD, with N = 13, L = 37, 2 groups over 4 heads, from a zero or a given state."""
     t = scan_inputs(d_per_channel=d_per_channel, gate=gate)
+    if initial:
+        t["initial_states"] = torch.randn(2, 4, 3, 13, generator=torch.Generator().manual_seed(8)).requires_grad_(True)
     leaves = {k: v for k, v in t.items() if v is not None}
     gen = torch.Generator().manual_seed(5)
     dy = torch.randn(t["x"].shape, generator=gen)
     dfinal = torch.randn(2, 4, 3, 13, generator=gen)
     y, final = ssd_combined.mamba_chunk_scan_combined(
         t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=16, D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
-        dt_softplus=True, dt_limit=dt_limit, return_final_states=True)
+        initial_states=t.get("initial_states"), dt_softplus=True, dt_limit=dt_limit, return_final_states=True)
     ours = [y, final, *torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), list(leaves.values()))]
     leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
     y64, final64 = oracle_scan(leaves64["x"], leaves64["dt"], leaves64["A"], leaves64["B"], leaves64["C"],
-                               leaves64["D"], leaves64.get("z"), leaves64["dt_bias"], dt_limit)
+                               leaves64["D"], leaves64.get("z"), leaves64["dt_bias"], dt_limit,
+                               leaves64.get("initial_states"))
     loss = (y64 * dy.double()).sum() + (final64 * dfinal.double()).sum()
     want = [y64, final64, *torch.autograd.grad(loss, list(leaves64.values()))]
     for got, expected, name in zip(ours, want, ["y", "final_states", *("d" + k for k in leaves)], strict=True):
@@ -218,8 +226,8 @@ def test_stock_mamba2_lm_forward_backward_generate() -> None:
 def test_unsupported_mamba2_arguments_raise_with_reason() -> None:
     t = {k: (v.detach() if v is not None else None) for k, v in scan_inputs().items()}
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], 16)
-    with pytest.raises(NotImplementedError, match="initial_states"):
-        ssd_combined.mamba_chunk_scan_combined(*args, initial_states=torch.zeros(2, 4, 3, 13))
+    with pytest.raises(ValueError, match="initial_states must have shape"):
+        ssd_combined.mamba_chunk_scan_combined(*args, initial_states=torch.zeros(2, 4, 13, 3))
     with pytest.raises(NotImplementedError, match="seq_idx"):
         ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=torch.zeros(2, 37, dtype=torch.int32))
     with pytest.raises(NotImplementedError, match="cu_seqlens"):

@@ -21,7 +21,7 @@ and, for CPU tensors only (CUDA tensors keep mamba_ssm's Triton kernels), routes
 Mamba-2's ``mamba_chunk_scan_combined`` / ``mamba_split_conv1d_scan_combined`` to :mod:`.mamba_ssm_ssd`. What
 cannot run raises ``NotImplementedError`` with the reason (complex A; mamba_ssm's B/C/dt RMSNorm weights in its
 fused path; ``seq_idx``, ``cache_seqlens``/``conv_state_indices`` in causal conv; x1/weight1/rowscale/dropout
-masks in LayerNorm; Mamba-2's ``initial_states``, ``seq_idx`` and ``cu_seqlens``). ``generate(cg=True)`` (CUDA
+masks in LayerNorm; Mamba-2's ``seq_idx`` and ``cu_seqlens``). ``generate(cg=True)`` (CUDA
 graphs) and ``enable_timing=True`` need CUDA.
 """
 

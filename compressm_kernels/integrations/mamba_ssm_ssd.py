@@ -8,8 +8,8 @@ So each op here is a reshape around that function (the C++ kernel and its backwa
 PyTorch for the rest; everything is differentiable through autograd. mamba_ssm's chunked SSD algorithm
 gives the same result up to rounding.
 
-What mamba_ssm's ops take but these do not (``initial_states``, ``seq_idx``, ``cu_seqlens``, varlen
-states) raises ``NotImplementedError`` naming it.
+What mamba_ssm's ops take but these do not (``seq_idx``, ``cu_seqlens``, varlen states: variable-length
+batches) raises ``NotImplementedError`` naming it.
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ def _per_channel(t: Tensor, headdim: int) -> Tensor:
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
              z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
-             dt_limit: tuple[float, float] = (0.0, math.inf),
-             return_final_states: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             dt_limit: tuple[float, float] = (0.0, math.inf), return_final_states: bool = False,
+             initial_states: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-2's selective scan, ``mamba_chunk_scan_combined``'s math without its chunking.
 
     Args:
         x: ``(Bt, L, H, P)``; dt: ``(Bt, L, H)`` (``+ dt_bias``, softplus if ``dt_softplus``, then
             clamped to ``dt_limit``, in fp32); A: ``(H,)``; B, C: ``(Bt, L, G, N)`` with G dividing H;
-            D: optional ``(H,)`` or ``(H, P)``; z: optional ``(Bt, L, H, P)`` gate (``out · silu(z)``).
+            D: optional ``(H,)`` or ``(H, P)``; z: optional ``(Bt, L, H, P)`` gate (``out · silu(z)``);
+            initial_states: optional ``(Bt, H, P, N)`` state before step 0 (zero without).
     Returns:
         ``out`` ``(Bt, L, H, P)`` in x's dtype, or ``(out, final_states)`` with ``final_states``
         ``(Bt, H, P, N)`` fp32.
@@ -58,11 +59,12 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
         if t.dim() != 4 or t.shape[:2] != (batch, seqlen) or nheads % t.shape[2] != 0 or t.shape != B.shape:
             raise ValueError(f"{name} must have shape (Bt, L, G, N) with Bt={batch}, L={seqlen} and G dividing "
                              f"H={nheads} (B and C alike), got {tuple(t.shape)}")
-    expected = {"D": ((nheads,), (nheads, headdim)), "z": (tuple(x.shape),), "dt_bias": ((nheads,),)}
-    for name, t in (("D", D), ("z", z), ("dt_bias", dt_bias)):
+    dstate = B.shape[-1]
+    expected = {"D": ((nheads,), (nheads, headdim)), "z": (tuple(x.shape),), "dt_bias": ((nheads,),),
+                "initial_states": ((batch, nheads, headdim, dstate),)}
+    for name, t in (("D", D), ("z", z), ("dt_bias", dt_bias), ("initial_states", initial_states)):
         if t is not None and tuple(t.shape) not in expected[name]:
             raise ValueError(f"{name} must have shape {' or '.join(map(str, expected[name]))}, got {tuple(t.shape)}")
-    dstate = B.shape[-1]
     delta = dt.float()
     if dt_bias is not None:
         delta = delta + dt_bias.float()
@@ -73,6 +75,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
     def channels(t: Tensor) -> Tensor:  # (Bt, L, H, P) -> (Bt, H·P, L)
         return t.reshape(batch, seqlen, nheads * headdim).transpose(1, 2)
 
+    gate_here = z is not None and initial_states is not None  # the initial state's share goes in before the gate
     out = selective_scan_fn(
         channels(x),
         delta.transpose(1, 2).repeat_interleave(headdim, dim=1),
@@ -80,21 +83,35 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
         B.permute(0, 2, 3, 1),
         C.permute(0, 2, 3, 1),
         None if D is None else _per_channel(D, headdim),
-        None if z is None else channels(z),
+        None if z is None or gate_here else channels(z),
         return_last_state=return_final_states,
     )
     y, last = out if return_final_states else (out, None)
     y = y.transpose(1, 2).reshape(batch, seqlen, nheads, headdim)
-    return y if last is None else (y, last.view(batch, nheads, headdim, dstate))
+    if last is not None:
+        last = last.view(batch, nheads, headdim, dstate)
+    if initial_states is not None:
+        # The scan starts from zero; the initial state adds linearly. With one A per head it has decayed by
+        # exp(Σ_{s<=t} Δ_s A) at step t, the same for all its states: y_t += that · C_t·h0, final += that at L-1.
+        decay = torch.exp(torch.cumsum(delta * A.float(), dim=1))  # (Bt, L, H)
+        h0 = initial_states.float()
+        C_heads = C.float().repeat_interleave(nheads // C.shape[2], dim=2)  # (Bt, L, H, N)
+        y = (y.float() + decay[..., None] * torch.einsum("blhn,bhpn->blhp", C_heads, h0))
+        if gate_here:
+            y = y * F.silu(z.float())
+        y = y.to(x.dtype)
+        if last is not None:
+            last = last + decay[:, -1, :, None, None] * h0
+    return y if last is None else (y, last)
 
 
 def chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                         seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, math.inf),
                         return_final_states=False, return_varlen_states=False):
     """mamba_ssm's ``mamba_chunk_scan_combined`` (same arguments and returns; ``chunk_size`` is unused)."""
-    _unsupported("mamba_chunk_scan_combined", initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+    _unsupported("mamba_chunk_scan_combined", seq_idx=seq_idx, cu_seqlens=cu_seqlens,
                  return_varlen_states=return_varlen_states)
-    return ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, return_final_states)
+    return ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, return_final_states, initial_states)
 
 
 def gated_norm(x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor | None = None, eps: float = 1e-6,
@@ -132,7 +149,7 @@ def split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D
     """mamba_ssm's ``mamba_split_conv1d_scan_combined``, the Mamba-2 layer after ``in_proj``: split
     ``zxbcdt`` into ``[z0, x0,] z, xBC, dt``, causal conv of xBC, the scan, gated RMSNorm (per group of
     ``dim / ngroups`` features), ``silu(z0) · x0`` in front, then ``out_proj``. Same arguments and returns."""
-    _unsupported("mamba_split_conv1d_scan_combined", initial_states=initial_states, seq_idx=seq_idx)
+    _unsupported("mamba_split_conv1d_scan_combined", seq_idx=seq_idx)
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     if outproj_bias is not None and outproj_weight is None:
@@ -156,7 +173,8 @@ def split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D
     heads = (batch, seqlen, nheads, headdim)
     groups = (batch, seqlen, ngroups, dstate)
     out = ssd_scan(x.reshape(heads), dt, A, B.reshape(groups), C.reshape(groups), D,
-                   z.reshape(heads) if rmsnorm_weight is None else None, dt_bias, True, dt_limit, return_final_states)
+                   z.reshape(heads) if rmsnorm_weight is None else None, dt_bias, True, dt_limit, return_final_states,
+                   initial_states)
     y, final = out if return_final_states else (out, None)
     y = y.reshape(batch, seqlen, dim)
     if rmsnorm_weight is not None:
