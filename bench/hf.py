@@ -1,8 +1,11 @@
-"""transformers' ``MambaForCausalLM`` on a CPU: its own code against ``integrations.transformers.install()``.
+"""transformers' ``MambaForCausalLM`` (or ``Mamba2ForCausalLM``) on a CPU: its own code against
+``integrations.transformers.install()``.
 
-    python -m bench hf --device cpu [--quick] [--d-model 256 --layers 2 --dstate 16 --batch 4 --seqlen 256 --new 32]
+    python -m bench hf --device cpu [--quick] [--family mamba2] [--d-model 256 --layers 2 --dstate 16 --batch 4
+                                                                 --seqlen 256 --new 32]
 
-One randomly initialised model (fp32, untied head), three groups, each timed round-robin with the integration
+One randomly initialised model (fp32, untied head; Mamba-2: heads of 64 channels, one B/C group, 64-step chunks),
+three groups, each timed round-robin with the integration
 switched off (``transformers``: its PyTorch code, the baseline) and on (``compressm``: our kernels):
   * ``train step``: loss on ``(Bt, L)`` tokens, backward (the fused path on our kernels; transformers' own
     path without mamba_ssm is its unfused PyTorch code with a Python loop over tokens) and an AdamW step;
@@ -14,6 +17,7 @@ CPU only: on other devices the integration leaves transformers' functions in pla
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 
 import torch
@@ -31,6 +35,7 @@ PROMPT = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", choices=("mamba", "mamba2"), default="mamba")
     p.add_argument("--d-model", dest="d_model", type=int)
     p.add_argument("--layers", type=int)
     p.add_argument("--dstate", type=int)
@@ -50,10 +55,16 @@ def run(args: argparse.Namespace) -> Bench:
            for k, v in SIZES[args.quick].items()}
     transformers.logging.set_verbosity_error()  # its "falling back to PyTorch" notices are the baseline here
     torch.manual_seed(0)
-    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=opt["d_model"], state_size=opt["dstate"],
-                                      num_hidden_layers=opt["layers"], tie_word_embeddings=False,
-                                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = transformers.MambaForCausalLM(config)
+    common = dict(vocab_size=VOCAB, hidden_size=opt["d_model"], state_size=opt["dstate"],
+                  num_hidden_layers=opt["layers"], tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None)
+    if args.family == "mamba2":
+        head_dim = min(64, 2 * opt["d_model"])
+        config = transformers.Mamba2Config(**common, expand=2, head_dim=head_dim,
+                                           num_heads=2 * opt["d_model"] // head_dim, n_groups=1, chunk_size=64)
+        model = transformers.Mamba2ForCausalLM(config)
+    else:
+        model = transformers.MambaForCausalLM(transformers.MambaConfig(**common))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (opt["batch"], opt["seqlen"]), generator=torch.Generator().manual_seed(1))
 
@@ -76,16 +87,16 @@ def run(args: argparse.Namespace) -> Bench:
 
     # transformers' own code is its PyTorch functions. Its wrappers around them switch to mamba_ssm's kernels once
     # mamba_ssm is importable (after integrations.mamba_ssm.install(), say), and those need CUDA.
-    from transformers.models.mamba import modeling_mamba
+    module = importlib.import_module(f"transformers.models.{args.family}.modeling_{args.family}")
 
     bridge.uninstall()
-    wrappers = {name: getattr(modeling_mamba, name) for name in bridge.OURS}
+    wrappers = {name: getattr(module, name) for name in bridge.MODULES[module.__name__]}
     torch_bodies = {name: inspect.unwrap(fn) for name, fn in wrappers.items()}
 
     def use(functions: dict) -> None:
         bridge.uninstall()
         for name, fn in functions.items():
-            setattr(modeling_mamba, name, fn)
+            setattr(module, name, fn)
 
     def on(path: str, fn):
         def call():
@@ -95,7 +106,7 @@ def run(args: argparse.Namespace) -> Bench:
             fn()
         return call
 
-    bench = Bench(f"transformers MambaForCausalLM d_model={opt['d_model']} layers={opt['layers']} "
+    bench = Bench(f"transformers {type(model).__name__} d_model={opt['d_model']} layers={opt['layers']} "
                   f"N={opt['dstate']} Bt={opt['batch']} L={opt['seqlen']} fp32, generate {opt['new']} tokens, baseline "
                   "transformers' own code",
                   device=args.device, warmup=opt["warmup"], repeats=opt["repeats"])

@@ -32,11 +32,13 @@ SUITES = {
 }
 
 
-@pytest.mark.parametrize("suite", list(SUITES))
+@pytest.mark.parametrize("suite", [*SUITES, "hf-mamba2"])
 def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    options = SUITES[suite] if suite in SUITES else [*SUITES["hf"], "--family", "mamba2"]
+    suite = suite.split("-")[0]
     if suite == "hf":
         pytest.importorskip("transformers")
-    bench_main([suite, "--quick", *TINY, *SUITES[suite], "--json-dir", str(tmp_path), "--plots-dir", str(tmp_path)])
+    bench_main([suite, "--quick", *TINY, *options, "--json-dir", str(tmp_path), "--plots-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "torch " in out and "median ms" in out  # header with versions, then the table
     report = json.loads((tmp_path / f"{suite}_cpu.json").read_text())

@@ -16,6 +16,7 @@ from scan_cases import assert_close
 transformers = pytest.importorskip("transformers")
 modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
 modeling_falcon_mamba = pytest.importorskip("transformers.models.falcon_mamba.modeling_falcon_mamba")
+modeling_mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
 if not hasattr(modeling_mamba, "mamba_selective_state_update"):
     pytest.skip(f"transformers {transformers.__version__}: the integration follows the 5.x Mamba modelling code",
                 allow_module_level=True)
@@ -30,8 +31,8 @@ def transformers_own_functions(monkeypatch: pytest.MonkeyPatch):
     itself depends on whether mamba_ssm was importable when its modelling module was imported (our mamba_ssm
     integration makes it importable), so the PyTorch ones are pinned."""
     bridge.uninstall()
-    for module in (modeling_mamba, modeling_falcon_mamba):
-        for name in bridge.OURS:
+    for module in (modeling_mamba, modeling_falcon_mamba, modeling_mamba2):
+        for name in bridge.MODULES[module.__name__]:
             monkeypatch.setattr(module, name, inspect.unwrap(getattr(module, name)))
     yield
     bridge.uninstall()
@@ -43,6 +44,10 @@ def _model(family: str) -> torch.nn.Module:
               time_step_rank=2, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if family == "falcon_mamba":  # RMSNorm on B, C and Δ inside the fused path
         return transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**kw))
+    if family == "mamba2":  # 8 heads of 8 channels, 2 groups of B/C, N = 13; chunks of 16 (L = 37 spans three)
+        kw.update(state_size=13, num_heads=8, head_dim=8, n_groups=2, chunk_size=16)
+        del kw["time_step_rank"]
+        return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**kw))
     if family == "mamba_biases":  # projections with biases, a conv without
         kw.update(use_bias=True, use_conv_bias=False)
     return transformers.MambaForCausalLM(transformers.MambaConfig(**kw))
@@ -88,23 +93,28 @@ def _assert_same(got: dict, want: dict) -> None:
         assert_close(got[name], want[name], F32, name)
 
 
-@pytest.mark.parametrize("family", ["mamba", "mamba_biases", "falcon_mamba"])
+@pytest.mark.parametrize("family", ["mamba", "mamba_biases", "falcon_mamba", "mamba2"])
 def test_install_matches_transformers_own_path(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(family)
     want = _everything(model)
     calls = _count_our_calls(monkeypatch)
     done = bridge.install()
     assert f"{modeling_mamba.__name__}.mamba_selective_scan" in done
+    assert f"{modeling_mamba2.__name__}.mamba2_chunk_scan" in done
     got = _everything(model)
-    assert all(calls.values()), calls  # every one of the five ran on our kernels
+    names = bridge.MAMBA2 if family == "mamba2" else bridge.MAMBA
+    assert all(calls[name] for name in names), calls  # every one of the five ran on our kernels
     _assert_same(got, want)
 
 
-def test_padded_training_batch_matches_transformers_own_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_padded_training_batch_matches_transformers_own_path(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # transformers' unfused code zeroes padded positions again after the conv; the fused path, given no attention
     # mask, cannot. A padded training batch therefore takes the unfused path (on our conv and scan), and an
     # unpadded one the fused path. A conv bias as a trained model has makes the difference show.
-    model = _model("mamba")
+    model = _model(family)
+    fused, scan = (("mamba2_split_conv1d_scan_combined", "mamba2_chunk_scan") if family == "mamba2" else
+                   ("mamba_inner_fn", "mamba_selective_scan"))
     with torch.no_grad():
         for layer in model.backbone.layers:
             layer.mixer.conv1d.bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
@@ -126,11 +136,11 @@ def test_padded_training_batch_matches_transformers_own_path(monkeypatch: pytest
     calls = _count_our_calls(monkeypatch)
     bridge.install()
     got = loss_and_grads()
-    assert calls["mamba_inner_fn"] == 2 and calls["mamba_selective_scan"] == 2  # declined, then the unfused path
+    assert calls[fused] == 2 and calls[scan] == 2  # declined, then the unfused path
     for name in want:
         assert_close(got[name], want[name], F32, name)
     model(_ids(batch=3, seqlen=12), attention_mask=torch.ones_like(ids))  # no padding: the fused path
-    assert calls["mamba_inner_fn"] == 4 and calls["mamba_selective_scan"] == 2
+    assert calls[fused] == 4 and calls[scan] == 2
 
 
 def test_compacted_model_on_our_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,9 +165,9 @@ def test_other_devices_keep_transformers_functions() -> None:
 
 
 def test_install_is_idempotent_and_uninstall_restores() -> None:
-    before = {name: getattr(modeling_mamba, name) for name in bridge.OURS}
+    before = {name: getattr(modeling_mamba, name) for name in bridge.MAMBA}
     bridge.install()
-    routed = {name: getattr(modeling_mamba, name) for name in bridge.OURS}
+    routed = {name: getattr(modeling_mamba, name) for name in bridge.MAMBA}
     assert all(routed[name] is not before[name] for name in before)
     bridge.install()
     assert all(getattr(modeling_mamba, name) is routed[name] for name in routed)
@@ -167,7 +177,7 @@ def test_install_is_idempotent_and_uninstall_restores() -> None:
 
 def test_install_refuses_old_modelling_code_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     # The second module lacks a function (as transformers < 5 would): the first must not be left half routed.
-    before = {name: getattr(modeling_mamba, name) for name in bridge.OURS}
+    before = {name: getattr(modeling_mamba, name) for name in bridge.MAMBA}
     monkeypatch.delattr(modeling_falcon_mamba, "mamba_selective_state_update")
     with pytest.raises(ImportError, match="has no mamba_selective_state_update"):
         bridge.install()

@@ -260,7 +260,7 @@ def _cpu_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
     if state.dim() not in (3, 4):
         raise NotImplementedError("selective_state_update on CPU (compressm_kernels) takes states (Bt, D, N) or "
                                   f"(Bt, H, P, N), got {tuple(state.shape)}")
-    step = _our_state_update if state.dim() == 3 else _multi_head_state_update  # Mamba-1 / Mamba-2
+    step = _our_state_update if state.dim() == 3 else ssd.multi_head_state_update  # Mamba-1 / Mamba-2
     if state_batch_indices is None:
         return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     if tuple(state_batch_indices.shape) != (x.shape[0],):
@@ -275,32 +275,6 @@ def _cpu_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
                        dt_softplus)
         state[rows] = picked
     return y
-
-
-def _multi_head_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    """mamba_ssm's multi-head step: state ``(Bt, H, P, N)``, x/dt/z ``(Bt, H, P)``, A ``(H, P, N)``, B/C
-    ``(Bt, G, N)`` with G dividing H, D/dt_bias ``(H, P)``; the heads' channels flattened, B/C groups over them as
-    over heads."""
-    batch, nheads, headdim, dstate = state.shape
-    channels = nheads * headdim
-    expected = {"x": (batch, nheads, headdim), "dt": (batch, nheads, headdim), "A": (nheads, headdim, dstate),
-                "D": (nheads, headdim), "z": (batch, nheads, headdim), "dt_bias": (nheads, headdim)}
-    for name, t in (("x", x), ("dt", dt), ("A", A), ("D", D), ("z", z), ("dt_bias", dt_bias)):
-        if t is not None and tuple(t.shape) != expected[name]:
-            raise ValueError(f"selective_state_update with a (Bt, H, P, N) state: {name} must have shape "
-                             f"{expected[name]}, got {tuple(t.shape)}")
-    for name, t in (("B", B), ("C", C)):
-        if t.dim() != 3 or t.shape != B.shape or t.shape[0] != batch or nheads % t.shape[1] or t.shape[2] != dstate:
-            raise ValueError(f"selective_state_update with a (Bt, H, P, N) state: {name} must have shape (Bt, G, N) "
-                             f"with G dividing H={nheads} (B and C alike), got {tuple(t.shape)}")
-    flat = state.reshape(batch, channels, dstate)  # a view when it can be, else a copy written back below
-    y = _our_state_update(flat, x.reshape(batch, channels), dt.reshape(batch, channels), A.reshape(channels, dstate),
-                          B, C, None if D is None else D.reshape(channels),
-                          None if z is None else z.reshape(batch, channels),
-                          None if dt_bias is None else dt_bias.reshape(channels), dt_softplus)
-    if flat.data_ptr() != state.data_ptr():
-        state.copy_(flat.view_as(state))
-    return y.view(batch, nheads, headdim)
 
 
 def layer_norm_torch(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,

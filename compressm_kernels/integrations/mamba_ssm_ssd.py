@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..ops.conv1d import causal_conv1d
 from ..ops.selective_scan import selective_scan_fn
+from ..ops.state_update import selective_state_update
 
 
 def _unsupported(fn: str, **values: object) -> None:
@@ -112,6 +113,35 @@ def chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None
     _unsupported("mamba_chunk_scan_combined", seq_idx=seq_idx, cu_seqlens=cu_seqlens,
                  return_varlen_states=return_varlen_states)
     return ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, return_final_states, initial_states)
+
+
+def multi_head_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                            dt_softplus: bool = False) -> Tensor:
+    """Mamba-2's decode step (mamba_ssm's multi-head ``selective_state_update``), state updated in place: state
+    ``(Bt, H, P, N)``, x/dt/z ``(Bt, H, P)``, A ``(H, P, N)``, B/C ``(Bt, G, N)`` with G dividing H, D/dt_bias
+    ``(H, P)``. Runs :func:`compressm_kernels.selective_state_update` on the heads' channels flattened, B/C groups
+    over them as over heads; x, dt, A, D, dt_bias may be expanded views (transformers passes them so)."""
+    batch, nheads, headdim, dstate = state.shape
+    channels = nheads * headdim
+    expected = {"x": (batch, nheads, headdim), "dt": (batch, nheads, headdim), "A": (nheads, headdim, dstate),
+                "D": (nheads, headdim), "z": (batch, nheads, headdim), "dt_bias": (nheads, headdim)}
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("D", D), ("z", z), ("dt_bias", dt_bias)):
+        if t is not None and tuple(t.shape) != expected[name]:
+            raise ValueError(f"selective_state_update with a (Bt, H, P, N) state: {name} must have shape "
+                             f"{expected[name]}, got {tuple(t.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() != 3 or t.shape != B.shape or t.shape[0] != batch or nheads % t.shape[1] or t.shape[2] != dstate:
+            raise ValueError(f"selective_state_update with a (Bt, H, P, N) state: {name} must have shape (Bt, G, N) "
+                             f"with G dividing H={nheads} (B and C alike), got {tuple(t.shape)}")
+    flat = state.reshape(batch, channels, dstate)  # a view when it can be, else a copy written back below
+    y = selective_state_update(flat, x.reshape(batch, channels), dt.reshape(batch, channels),
+                               A.reshape(channels, dstate), B, C, None if D is None else D.reshape(channels),
+                               None if z is None else z.reshape(batch, channels),
+                               None if dt_bias is None else dt_bias.reshape(channels), dt_softplus)
+    if flat.data_ptr() != state.data_ptr():
+        state.copy_(flat.view_as(state))
+    return y.view(batch, nheads, headdim)
 
 
 def gated_norm(x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor | None = None, eps: float = 1e-6,

@@ -1,4 +1,5 @@
-"""Run transformers' Mamba models (``MambaForCausalLM``, ``FalconMambaForCausalLM``) on our CPU kernels.
+"""Run transformers' Mamba models (``MambaForCausalLM``, ``FalconMambaForCausalLM``, ``Mamba2ForCausalLM``) on our
+CPU kernels.
 
 transformers 5.x computes a Mamba mixer through five functions of its modelling module: ``mamba_inner_fn``
 (the fused training path), ``causal_conv1d_fn``, ``causal_conv1d_update``, ``mamba_selective_scan`` and
@@ -15,10 +16,12 @@ C++ scan, decode step and causal conv, and the fused training path); any other d
 chose (mamba_ssm's kernels, the kernels hub or its PyTorch code: our CUDA and Triton kernels have not run on a GPU
 yet). Compacted models (any N, a different N per layer) run as they are. The results are those of transformers'
 own code on this machine, only faster (see :func:`mamba_inner_fn` for Falcon-Mamba). :func:`uninstall` puts
-transformers' functions back. Other architectures (Mamba-2, ...) are not affected. Where mamba_ssm was importable
-when transformers imported its modelling code (after :func:`compressm_kernels.integrations.mamba_ssm.install`,
-say), transformers picked mamba_ssm's functions, which cannot run Falcon-Mamba's fused path on a CPU; the routers
-take CPU tensors before them.
+transformers' functions back. ``Mamba2ForCausalLM`` is routed the same way: its fused training path, scan and
+decode step (``mamba2_split_conv1d_scan_combined``, ``mamba2_chunk_scan``, ``mamba2_selective_state_update``) and
+its causal conv run on :mod:`.mamba_ssm_ssd` and our conv. Other architectures are not affected. Where mamba_ssm
+was importable when transformers imported its modelling code (after
+:func:`compressm_kernels.integrations.mamba_ssm.install`, say), transformers picked mamba_ssm's functions, which
+cannot run Falcon-Mamba's fused path on a CPU; the routers take CPU tensors before them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import contextvars
 import functools
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable
 
 from torch import Tensor
@@ -36,8 +40,8 @@ from ..ops.conv1d import causal_conv1d_update as _conv_update
 from ..ops.mamba_inner import mamba_inner_fn as _inner
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.state_update import selective_state_update
+from . import mamba_ssm_ssd as ssd
 
-MODULES = ("transformers.models.mamba.modeling_mamba", "transformers.models.falcon_mamba.modeling_falcon_mamba")
 _MARK = "__compressm_kernels_original__"  # on a router: the function it replaced
 # Whether the batch the current mixer forward started on has padding (see apply_mask_to_padding_states).
 _PADDED = contextvars.ContextVar("compressm_kernels_padded", default=False)
@@ -95,9 +99,54 @@ def mamba_selective_state_update(state: Tensor, hidden_states: Tensor, dt: Tenso
     return selective_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
+def mamba2_split_conv1d_scan_combined(zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Tensor | None,
+                                      dt_bias: Tensor, A: Tensor, D: Tensor, chunk_size: int,
+                                      initial_states: Tensor | None = None,
+                                      dt_limit: tuple[float, float] = (0.0, float("inf")),
+                                      return_final_states: bool = False, activation: str = "silu",
+                                      rmsnorm_weight: Tensor | None = None, rmsnorm_eps: float = 1e-6,
+                                      outproj_weight: Tensor | None = None, outproj_bias: Tensor | None = None,
+                                      headdim: int | None = None, ngroups: int = 1, norm_before_gate: bool = True,
+                                      **_) -> Tensor | tuple[Tensor, Tensor] | None:
+    """transformers' fused Mamba-2 training path on :mod:`.mamba_ssm_ssd` (our conv and scan), or ``None``
+    (transformers' unfused path) for a batch with padding, as :func:`mamba_inner_fn`."""
+    if _PADDED.get():
+        return None
+    return ssd.split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                          initial_states, None, dt_limit, return_final_states, activation,
+                                          rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
+                                          norm_before_gate)
+
+
+def mamba2_chunk_scan(hidden_states: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                      D: Tensor | None = None, dt_bias: Tensor | None = None, initial_states: Tensor | None = None,
+                      dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, float("inf")),
+                      return_final_states: bool = False, z: Tensor | None = None,
+                      **_) -> Tensor | tuple[Tensor, Tensor]:
+    """transformers' Mamba-2 scan on :func:`.mamba_ssm_ssd.ssd_scan` (``chunk_size`` unused)."""
+    return ssd.ssd_scan(hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, return_final_states,
+                        initial_states)
+
+
+def mamba2_selective_state_update(state: Tensor, hidden_states: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                  D: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
+                                  z: Tensor | None = None, **_) -> Tensor:
+    """transformers' Mamba-2 decode step (``dt_bias`` before ``z``) on
+    :func:`.mamba_ssm_ssd.multi_head_state_update`."""
+    return ssd.multi_head_state_update(state, hidden_states, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
 _MASK = "apply_mask_to_padding_states"  # wrapped to note padding, not replaced
-OURS: dict[str, Callable] = {f.__name__: f for f in (mamba_inner_fn, causal_conv1d_fn, causal_conv1d_update,
-                                                      mamba_selective_scan, mamba_selective_state_update)}
+MAMBA = ("mamba_inner_fn", "causal_conv1d_fn", "causal_conv1d_update", "mamba_selective_scan",
+         "mamba_selective_state_update")
+MAMBA2 = ("mamba2_split_conv1d_scan_combined", "causal_conv1d_fn", "causal_conv1d_update", "mamba2_chunk_scan",
+          "mamba2_selective_state_update")
+MODULES = {"transformers.models.mamba.modeling_mamba": MAMBA,
+           "transformers.models.falcon_mamba.modeling_falcon_mamba": MAMBA,
+           "transformers.models.mamba2.modeling_mamba2": MAMBA2}
+OURS: dict[str, Callable] = {f.__name__: f for f in (
+    mamba_inner_fn, causal_conv1d_fn, causal_conv1d_update, mamba_selective_scan, mamba_selective_state_update,
+    mamba2_split_conv1d_scan_combined, mamba2_chunk_scan, mamba2_selective_state_update)}
 
 
 def _padding_recorder(original: Callable) -> Callable:
@@ -115,12 +164,14 @@ def _padding_recorder(original: Callable) -> Callable:
 
 
 def _router(ours: Callable, original: Callable) -> Callable:
-    """``ours`` for CPU tensors (judged by the first argument), ``original`` for any other device."""
+    """``ours`` for CPU tensors (judged by the first argument, given by position or by name), ``original`` for any
+    other device."""
+    first_name = next(iter(inspect.signature(ours).parameters))
 
     @functools.wraps(ours)
-    def route(first: Tensor, *args, **kwargs):
-        fn = ours if first.device.type == "cpu" else original
-        return fn(first, *args, **kwargs)
+    def route(*args, **kwargs):
+        first = args[0] if args else kwargs[first_name]
+        return (ours if first.device.type == "cpu" else original)(*args, **kwargs)
 
     setattr(route, _MARK, original)
     return route
@@ -152,16 +203,16 @@ def install() -> dict[str, str]:
         raise ImportError("compressm_kernels.integrations.transformers needs transformers with its Mamba models "
                           "(pip install 'transformers>=5')")
     for module in modules:  # every module checked before any is changed
-        missing = [name for name in (*OURS, _MASK) if not callable(getattr(module, name, None))]
+        missing = [name for name in (*MODULES[module.__name__], _MASK) if not callable(getattr(module, name, None))]
         if missing:
             raise ImportError(f"{module.__name__} has no {', '.join(missing)}: this integration follows transformers "
                               f">= 5's Mamba code (installed: {importlib.import_module('transformers').__version__})")
     done = {}
     for module in modules:
-        for name, ours in OURS.items():
+        for name in MODULES[module.__name__]:
             current = getattr(module, name)
             if not hasattr(current, _MARK):
-                setattr(module, name, _router(ours, current))
+                setattr(module, name, _router(OURS[name], current))
             done[f"{module.__name__}.{name}"] = f"compressm_kernels on CPU tensors, transformers' {name} elsewhere"
         if not hasattr(getattr(module, _MASK), _MARK):
             setattr(module, _MASK, _padding_recorder(getattr(module, _MASK)))
@@ -171,7 +222,7 @@ def install() -> dict[str, str]:
 def uninstall() -> None:
     """Put back the functions :func:`install` replaced (a no-op where nothing is routed)."""
     for module in _modules():
-        for name in (*OURS, _MASK):
+        for name in (*MODULES[module.__name__], _MASK):
             current = getattr(module, name, None)
             if hasattr(current, _MARK):
                 setattr(module, name, getattr(current, _MARK))
