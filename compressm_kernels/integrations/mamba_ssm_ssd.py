@@ -1,4 +1,5 @@
-"""mamba_ssm's Mamba-2 (SSD) ops for CPU tensors, as our selective scan; installed by :mod:`.mamba_ssm`.
+"""mamba_ssm's Mamba-2 (SSD) ops as our selective scan; :mod:`.mamba_ssm` and :mod:`.transformers` route CPU
+tensors here.
 
 Mamba-2's scan is a selective scan whose A is one scalar per head, shared by the head's ``headdim``
 channels and all its states, and whose Δ is one per head and step. Channel ``c = h·P + p`` of an input
