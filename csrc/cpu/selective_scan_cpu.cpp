@@ -455,7 +455,7 @@ Rows variable_rows(const Operand& x, bool variable, int groups, int width, const
 
 // Per-thread working memory, sized once per thread.
 struct Scratch {
-  std::vector<float> A, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;  // (NP,)
+  std::vector<float> A, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;       // (NP,)
   std::vector<float> delta, delta_grad, delta_u, decay, y, dy, ddelta, du, dz;  // (chunk,)
   std::vector<float> raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
   std::vector<float> hist, B_gather, C_gather, dB_gather, dC_gather;             // (chunk, NP)
