@@ -23,7 +23,7 @@ import torch
 from compressm_kernels import Mamba, compress_model
 from compressm_kernels.ops.selective_scan import check_scan_inputs, resolve_backend
 
-from .harness import Bench, publish
+from .harness import Bench, publish, with_flags
 
 SIZES = {
     ("cpu", True): dict(d_model=64, batch=2, seqlen=128, dstate=64, cuts="16,8", warmup=2, repeats=10),
@@ -53,7 +53,7 @@ def train_step(block: Mamba, opt: torch.optim.Optimizer, x: torch.Tensor):
 
 def run(args: argparse.Namespace) -> Bench:
     sizes = SIZES[("cuda" if args.device.startswith("cuda") else "cpu", args.quick)]
-    opt_ = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in sizes.items()}
+    opt_ = with_flags(args, sizes)
     d_model, batch, seqlen, n = opt_["d_model"], opt_["batch"], opt_["seqlen"], opt_["dstate"]
     cuts = sorted({int(k) for k in opt_["cuts"].split(",")}, reverse=True)
     previous = os.environ.get("COMPRESSM_BACKEND")

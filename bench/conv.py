@@ -24,7 +24,7 @@ from compressm_kernels.ops.conv1d import (
     causal_conv1d_update_torch,
 )
 
-from .harness import Bench, publish
+from .harness import Bench, publish, with_flags
 
 SIZES = {
     ("cpu", True): dict(batch=2, dims="256", seqlen=128, width=4, warmup=2, repeats=10),
@@ -79,7 +79,7 @@ def time_dim(bench: Bench, dim: int, batch: int, seqlen: int, width: int, dev: s
 
 def run(args: argparse.Namespace) -> Bench:
     sizes = SIZES[("cuda" if args.device.startswith("cuda") else "cpu", args.quick)]
-    opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in sizes.items()}
+    opt = with_flags(args, sizes)
     batch, seqlen, width = opt["batch"], opt["seqlen"], opt["width"]
     bench = Bench(f"causal conv1d + SiLU, Bt={batch} L={seqlen} W={width} fp32, baseline torch", device=args.device,
                   warmup=opt["warmup"], repeats=opt["repeats"])

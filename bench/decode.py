@@ -21,7 +21,7 @@ import torch
 from compressm_kernels import selective_state_update, selective_state_update_ref
 from compressm_kernels.ops.selective_scan import cpu as cpu_backend
 
-from .harness import Bench, publish
+from .harness import Bench, publish, with_flags
 from .scan import allow_mamba_ssm_import
 
 BACKENDS = ("reference", "cpu", "mamba_ref", "hf", "mamba")
@@ -88,7 +88,7 @@ def make_tensors(batch: int, dim: int, dstate: int, device: str) -> dict:
 
 def run(args: argparse.Namespace) -> Bench:
     sizes = SIZES[("cuda" if args.device.startswith("cuda") else "cpu", args.quick)]
-    opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in sizes.items()}
+    opt = with_flags(args, sizes)
     batch, dim, steps = opt["batch"], opt["dim"], opt["steps"]
     dstates = sorted({int(v) for v in opt["dstates"].split(",")}, reverse=True)
     requested = list(dict.fromkeys(["reference", *args.backends.split(",")]))

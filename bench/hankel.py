@@ -19,7 +19,7 @@ import torch
 
 from compressm_kernels import HankelAccumulator
 
-from .harness import Bench, publish
+from .harness import Bench, publish, with_flags
 
 SIZES = {
     ("cpu", True): dict(dims="64,256", dstates="16,64", batch=2, seqlen=128, scipy_max_dim=64, warmup=1, repeats=3),
@@ -58,7 +58,7 @@ def scipy_hsv(a_bar: torch.Tensor, M_B: torch.Tensor, M_C: torch.Tensor) -> list
 
 def run(args: argparse.Namespace) -> Bench:
     sizes = SIZES[("cuda" if args.device.startswith("cuda") else "cpu", args.quick)]
-    opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in sizes.items()}
+    opt = with_flags(args, sizes)
     batch, seqlen, dev = opt["batch"], opt["seqlen"], args.device
     bench = Bench(f"Hankel energies, calibration batch Bt={batch} L={seqlen}, float64 moments", device=dev,
                   warmup=opt["warmup"], repeats=opt["repeats"])

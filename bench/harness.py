@@ -250,6 +250,11 @@ class Bench:
         return out
 
 
+def with_flags(args, defaults: dict) -> dict:
+    """A suite's ``defaults`` (sizes, repeats) with each value replaced by its command-line flag where given."""
+    return {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()}
+
+
 def publish(bench: Bench, args, suite: str, *, columns: list[str] | None = None,
             plots: dict[str, dict] | None = None) -> None:
     """Print ``bench``'s report, write ``<json_dir>/<suite>_<device>.json`` and one PNG per ``plots`` entry

@@ -24,7 +24,7 @@ import torch
 
 from compressm_kernels.integrations import transformers as bridge
 
-from .harness import Bench, publish
+from .harness import Bench, publish, with_flags
 
 SIZES = {
     True: dict(d_model=32, layers=1, dstate=8, batch=1, seqlen=16, new=4, warmup=1, repeats=3),
@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> Bench:
         import transformers
     except ImportError as err:
         raise SystemExit(f"bench hf needs transformers ({err})") from err
-    opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v
-           for k, v in SIZES[args.quick].items()}
+    opt = with_flags(args, SIZES[args.quick])
     transformers.logging.set_verbosity_error()  # its "falling back to PyTorch" notices are the baseline here
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, hidden_size=opt["d_model"], state_size=opt["dstate"],

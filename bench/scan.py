@@ -39,7 +39,7 @@ import torch
 from compressm_kernels import selective_scan_fn
 from compressm_kernels.ops.selective_scan import check_scan_inputs, interface
 
-from .harness import Bench, publish
+from .harness import Bench, publish, with_flags
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OURS = ("cuda", "triton", "cpu", "reference")
@@ -177,7 +177,7 @@ def bytes_moved(batch: int, dim: int, seqlen: int, dstate: int, elt: int) -> dic
 
 def run(args: argparse.Namespace) -> Bench:
     sizes = SIZES[("cuda" if args.device.startswith("cuda") else "cpu", args.quick)]
-    opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in sizes.items()}
+    opt = with_flags(args, sizes)
     device, dtype = args.device, DTYPES[opt["dtype"]]
     dstates = sorted({int(n) for n in opt["dstates"].split(",")}, reverse=True)
     passes = args.passes.split(",")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from compressm_kernels.integrations.mamba_ssm_ssd import ssd_scan
 
-from .harness import Bench, publish
+from .harness import Bench, publish, with_flags
 from .scan import allow_mamba_ssm_import
 
 SIZES = {
@@ -107,7 +107,7 @@ def time_dstate(bench: Bench, fns: dict, baseline: str, shape: tuple[int, ...], 
 
 def run(args: argparse.Namespace) -> Bench:
     sizes = SIZES[("cuda" if args.device.startswith("cuda") else "cpu", args.quick)]
-    opt = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in sizes.items()}
+    opt = with_flags(args, sizes)
     batch, seqlen, heads, headdim = opt["batch"], opt["seqlen"], opt["heads"], opt["headdim"]
     if seqlen % CHUNK:
         raise SystemExit(f"--seqlen must be a multiple of {CHUNK} (ssd_minimal_discrete's chunk), got {seqlen}")
