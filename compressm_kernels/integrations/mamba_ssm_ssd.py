@@ -159,10 +159,10 @@ def gated_norm(x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor | None 
     gate = None if z is None else F.silu(z.float())
     if gate is not None and not norm_before_gate:
         h = h * gate
-    size = h.shape[-1] if group_size is None else group_size
-    if h.shape[-1] % size != 0:
-        raise ValueError(f"group_size {size} must divide the feature size {h.shape[-1]}")
-    groups = h.unflatten(-1, (h.shape[-1] // size, size))
+    size = features if group_size is None else group_size
+    if features % size != 0:
+        raise ValueError(f"group_size {size} must divide the feature size {features}")
+    groups = h.unflatten(-1, (features // size, size))
     if not is_rms_norm:
         groups = groups - groups.mean(-1, keepdim=True)
     y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()
