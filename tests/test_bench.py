@@ -32,21 +32,28 @@ SUITES = {
 }
 
 
-@pytest.mark.parametrize("suite", [*SUITES, "hf-mamba2"])
+# Second configurations of a suite: its options, and the name its results go under.
+VARIANTS = {
+    "hf-mamba2": ([*SUITES["hf"], "--family", "mamba2"], "hf"),
+    "decode-mamba2": ([*SUITES["decode"], "--headdim", "4"], "decode_mamba2"),
+}
+
+
+@pytest.mark.parametrize("suite", [*SUITES, *VARIANTS])
 def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    options = SUITES[suite] if suite in SUITES else [*SUITES["hf"], "--family", "mamba2"]
+    options, results = VARIANTS.get(suite, (SUITES.get(suite), suite))
     suite = suite.split("-")[0]
     if suite == "hf":
         pytest.importorskip("transformers")
     bench_main([suite, "--quick", *TINY, *options, "--json-dir", str(tmp_path), "--plots-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "torch " in out and "median ms" in out  # header with versions, then the table
-    report = json.loads((tmp_path / f"{suite}_cpu.json").read_text())
+    report = json.loads((tmp_path / f"{results}_cpu.json").read_text())
     rows = report["rows"]
     assert rows and all(r["q20_ms"] <= r["median_ms"] <= r["q80_ms"] for r in rows)
     baselines = [r for r in rows if r["ratio"] == pytest.approx(1.0)]
     assert baselines, "every suite measures its baseline in the same run"
-    assert (tmp_path / f"{suite}_cpu.png").stat().st_size > 0
+    assert (tmp_path / f"{results}_cpu.png").stat().st_size > 0
     names = " ".join(r["name"] for r in rows)
     if suite == "scan":
         assert "reference fwd N=4" in names and "bwd N=2" in names
@@ -56,6 +63,7 @@ def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.C
         assert {r["extra"]["variant"] for r in rows} == {"full", "compacted", "masked"}
     if suite == "decode":
         assert all(r["extra"]["tok/s"] > 0 for r in rows)
+        assert ("Mamba-2 heads of 4" in out) == (results == "decode_mamba2")
     if suite == "conv":
         assert {r["extra"]["op"] for r in rows} == {"fwd", "fwd+bwd", "decode step"}
     if suite == "ssd":

@@ -152,6 +152,33 @@ def test_channel_blocks_and_tails_match_reference(dim: int, dstate: int, groups:
     assert_close(state, ref_state, F32, "state")
 
 
+@pytest.mark.parametrize("mask", ["none", "shared", "per_channel"])
+@pytest.mark.parametrize(("dim", "dstate", "groups", "layout"), [
+    (140, 3, 2, "contiguous"), (140, 13, 0, "contiguous"), (70, 64, 5, "contiguous"), (9, 256, 3, "contiguous"),
+    (40, 12, 0, "transposed"), (40, 12, 4, "bf16"),  # rows gathered one state at a time
+], ids=str)
+def test_states_sharing_one_A_match_reference(dim: int, dstate: int, groups: int, layout: str, mask: str) -> None:
+    # Mamba-2 passes A expanded along N (one value per channel); the kernel then takes one decay per channel
+    # on every path: the flat N < 8 array, rows in place, masked states gathered, strided states gathered.
+    inputs = _step_inputs(dim=dim, dstate=dstate, groups=groups)
+    inputs["A"] = inputs["A"][:, :1].expand(dim, dstate)
+    state_mask = None
+    if mask != "none":
+        state_mask = torch.rand((dim, dstate) if mask == "per_channel" else (dstate,),
+                                generator=torch.Generator().manual_seed(1)) > 0.5
+        state_mask[..., 0] = True
+    ref_state = inputs["state"].clone()
+    ref = selective_state_update_ref(**dict(inputs, state=ref_state), state_mask=state_mask)
+    if layout == "transposed":
+        state = inputs["state"].transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        state = inputs["state"].to(BF16 if layout == "bf16" else F32)
+    out = selective_state_update(**dict(inputs, state=state), state_mask=state_mask, backend="cpu")
+    dtype = BF16 if layout == "bf16" else F32
+    assert_close(out, ref, dtype, "out")
+    assert_close(state.float(), ref_state, dtype, "state")
+
+
 @pytest.mark.parametrize("layout", ["channel_stride", "transposed", "bf16_state_stride"])
 def test_fast_path_updates_strided_states_in_place(layout: str) -> None:
     inputs = _step_inputs(dim=70, dstate=12)

@@ -174,16 +174,19 @@ def test_stock_mamba2_layer_forward_backward_equals_oracle(mem_eff: bool, varian
         assert_close(got, expected, F32, "d" + name)
 
 
-def test_multi_head_state_update_matches_mamba_reference() -> None:
+@pytest.mark.parametrize("expanded_A", [True, False], ids=["A_expanded", "A_materialised"])
+def test_multi_head_state_update_matches_mamba_reference(expanded_A: bool) -> None:
     """mamba_ssm's selective_state_update with (Bt, H, P, N) states and grouped B/C on CPU (our route) ==
     its pure-PyTorch reference; a non-contiguous state is updated in place too, and state_batch_indices
-    picks rows."""
+    picks rows. A comes expanded from one value per head, as Mamba2.step passes it (the kernel's one decay
+    per channel), or as a full tensor."""
     gen = torch.Generator().manual_seed(2)
     batch, heads, headdim, groups, dstate = 3, 4, 3, 2, 13
     state = torch.randn(batch, heads, headdim, dstate, generator=gen)
     x, z = torch.randn(batch, heads, headdim, generator=gen), torch.randn(batch, heads, headdim, generator=gen)
     dt = torch.randn(batch, heads, 1, generator=gen).expand(batch, heads, headdim)
-    A = -torch.rand(heads, 1, 1, generator=gen).expand(heads, headdim, dstate) - 0.5
+    A = (-torch.rand(heads, 1, 1, generator=gen) - 0.5).expand(heads, headdim, dstate)
+    A = A if expanded_A else A.contiguous()
     B, C = torch.randn(batch, groups, dstate, generator=gen), torch.randn(batch, groups, dstate, generator=gen)
     D, dt_bias = torch.randn(heads, headdim, generator=gen), torch.randn(heads, headdim, generator=gen)
     want_state = state.double().clone()

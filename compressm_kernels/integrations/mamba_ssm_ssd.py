@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.conv1d import causal_conv1d
+from ..ops.selective_scan import cpu as cpu_backend
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.state_update import selective_state_update
 
@@ -122,7 +123,13 @@ def multi_head_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
     """Mamba-2's decode step (mamba_ssm's multi-head ``selective_state_update``), state updated in place: state
     ``(Bt, H, P, N)``, x/dt/z ``(Bt, H, P)``, A ``(H, P, N)``, B/C ``(Bt, G, N)`` with G dividing H, D/dt_bias
     ``(H, P)``. Runs :func:`compressm_kernels.selective_state_update` on the heads' channels flattened, B/C groups
-    over them as over heads; x, dt, A, D, dt_bias may be expanded views (transformers passes them so)."""
+    over them as over heads; x, dt, A, D, dt_bias may be expanded views (mamba_ssm and transformers pass them so).
+    An A expanded along N (one value per head) gets one decay per channel, not one per state."""
+    # The kernel flattens the heads itself and checks every argument before it writes the state; on a refusal
+    # (or with no kernel) the checks below say what is wrong, or the reference step runs.
+    out = cpu_backend.try_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, multi_head=True)
+    if out is not None:
+        return out
     batch, nheads, headdim, dstate = state.shape
     channels = nheads * headdim
     expected = {"x": (batch, nheads, headdim), "dt": (batch, nheads, headdim), "A": (nheads, headdim, dstate),
@@ -136,8 +143,9 @@ def multi_head_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
             raise ValueError(f"selective_state_update with a (Bt, H, P, N) state: {name} must have shape (Bt, G, N) "
                              f"with G dividing H={nheads} (B and C alike), got {tuple(t.shape)}")
     flat = state.reshape(batch, channels, dstate)  # a view when it can be, else a copy written back below
-    y = selective_state_update(flat, x.reshape(batch, channels), dt.reshape(batch, channels),
-                               A.reshape(channels, dstate), B, C, None if D is None else D.reshape(channels),
+    A_flat = A[..., :1].reshape(channels, 1).expand(-1, dstate) if A.stride(-1) == 0 else A.reshape(channels, dstate)
+    y = selective_state_update(flat, x.reshape(batch, channels), dt.reshape(batch, channels), A_flat, B, C,
+                               None if D is None else D.reshape(channels),
                                None if z is None else z.reshape(batch, channels),
                                None if dt_bias is None else dt_bias.reshape(channels), dt_softplus)
     if flat.data_ptr() != state.data_ptr():

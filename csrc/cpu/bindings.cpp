@@ -250,7 +250,10 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
     *op = {t->data_ptr(), dtype_of(*t, name), t->stride(0), grouped ? t->stride(1) : 0, t->stride(-1)};
     *groups = static_cast<int>(g);
   }
-  Tensor A_c = param(A, "A", {dim, dstate});
+  // An A expanded along N (Mamba-2's heads pass A so) has one value per channel: the kernel takes that value
+  // and computes each channel's decay once instead of once per state.
+  p.shared_decay = A.dim() == 2 && A.size(0) == dim && A.size(1) == dstate && dstate > 1 && A.stride(1) == 0;
+  Tensor A_c = p.shared_decay ? param(A.select(1, 0), "A", {dim}) : param(A, "A", {dim, dstate});
   p.A = A_c.data_ptr<float>();
   // As mamba_ssm's step, D and dt_bias may come in a half-precision model's dtype: read as fp32 (exact).
   auto upcast_half = [](const OptTensor& t) -> OptTensor {
@@ -276,6 +279,46 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
   p.out = out.data_ptr();
   compressm::cpu::state_update(p);
   return out;
+}
+
+// Mamba-2's multi-head step: state (Bt, H, P, N), x/dt/z (Bt, H, P), A (H, P, N), D/dt_bias (H, P), B/C (Bt, G, N)
+// with G dividing H. The heads' channels are flattened into state_update's (Bt, H·P, N) here rather than in Python,
+// where the six reshapes cost more than the step (dt, D and dt_bias come expanded per head: small copies). The state
+// must flatten to a view, as it is updated in place.
+Tensor state_update_heads(const Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
+                          const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
+                          bool dt_softplus) {
+  check_cpu(state, "state");
+  TORCH_CHECK_VALUE(state.dim() == 4, "state must have shape (Bt, H, P, N), got ", shape_of(state));
+  const int64_t batch = state.size(0), heads = state.size(1), headdim = state.size(2), dstate = state.size(3);
+  const int64_t dim = heads * headdim;
+  TORCH_CHECK_VALUE(heads == 1 || headdim == 1 || state.stride(1) == headdim * state.stride(2),
+                    "state's heads and head channels must flatten to one axis in place, got strides ", state.strides());
+  auto check_shape = [](const Tensor& t, const char* name, at::IntArrayRef shape) {
+    check_cpu(t, name);
+    TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", shape_of(t));
+  };
+  auto per_token = [&](const Tensor& t, const char* name) {
+    check_shape(t, name, {batch, heads, headdim});
+    return t.reshape({batch, dim});
+  };
+  auto per_channel = [&](const OptTensor& t, const char* name) -> OptTensor {
+    if (!t.has_value()) return t;
+    check_shape(*t, name, {heads, headdim});
+    return t->reshape({dim});
+  };
+  for (auto [t, name] : {std::pair{&B, "B"}, std::pair{&C, "C"}}) {
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(1) >= 1 && heads % t->size(1) == 0, name,
+                      " must have shape (Bt, G, N) with G dividing H=", heads, ", got ", shape_of(*t));
+  }
+  check_shape(A, "A", {heads, headdim, dstate});
+  // An A expanded along N stays so (state_update then takes one decay per channel).
+  const Tensor A_flat = dstate > 1 && A.stride(2) == 0 ? A.select(2, 0).reshape({dim, 1}).expand({dim, dstate})
+                                                       : A.reshape({dim, dstate});
+  const OptTensor z_flat = z.has_value() ? OptTensor(per_token(*z, "z")) : OptTensor();
+  Tensor out = state_update(state.view({batch, dim, dstate}), per_token(x, "x"), per_token(dt, "dt"), A_flat, B, C,
+                            per_channel(D, "D"), z_flat, per_channel(dt_bias, "dt_bias"), {}, {}, dt_softplus);
+  return out.view({batch, heads, headdim});
 }
 
 // Everything the conv's forward and backward share: shapes, x, the weight and bias.
@@ -380,4 +423,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("state_update", &state_update, "one decode step, state updated in place -> out", py::arg("state"),
         py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("dt_bias"), py::arg("ranks"), py::arg("kept"), py::arg("dt_softplus"));
+  m.def("state_update_heads", &state_update_heads, "Mamba-2's multi-head decode step, state updated in place -> out",
+        py::arg("state"), py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
+        py::arg("z"), py::arg("dt_bias"), py::arg("dt_softplus"));
 }

@@ -186,13 +186,25 @@ COMPRESSM_ALWAYS_INLINE v8i tail_lanes(int tail) {
   return lane >= 8 - tail;
 }
 
+// States [0, 8) of rows h, A, B advanced by one step: decay exp(Δ·A) per state (dl = Δ), or the shared ā
+// (kShared: dl = ā, A unread).
+template <bool kShared>
+COMPRESSM_ALWAYS_INLINE v8f step8(const float* h, v8f dl, const float* A, v8f dx, const float* B) {
+  if constexpr (kShared) {
+    return forward_step_decayed(load8(h), dl, dx, load8(B));
+  } else {
+    return forward_step(load8(h), dl, load8(A), dx, load8(B));
+  }
+}
+
 // r states (f32 rows A, B, C, h) advanced by one step, h in place; returns C·h folded to eight lanes. Explicit
 // 8-lane code, so the products go straight into the lane sums. The states are ceil(r / 8) vectors, the last one
 // at r - 8: when r is not a multiple of 8 it overlaps the one before, so it is computed from the old h first and
 // stored last, and only its new lanes are summed. kV > 0: that vector count known at compile time (unrolled),
-// and kExact: r = 8·kV; kV = 0: any r. (The decode step reads the caller's rows in place, so it cannot pad them
+// and kExact: r = 8·kV; kV = 0: any r. kShared: the states share one A (Mamba-2's heads) and `delta` is their
+// decay ā = exp(Δ·A) itself, A unread. (The decode step reads the caller's rows in place, so it cannot pad them
 // as the scan does.)
-template <int kV, bool kExact = false>
+template <int kV, bool kExact = false, bool kShared = false>
 COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float delta_x, const float* __restrict A,
                                            const float* __restrict B, const float* __restrict C,
                                            float* __restrict h) {
@@ -201,7 +213,8 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
   if (kV <= 1 && r < 8) {  // fewer states than lanes: a scalar loop (a vector would be all epilogue), sum in lane 0
     float sum = 0.0f;
     for (int k = 0; k < r; ++k) {
-      const float hk = forward_step(h[k], delta, A[k], delta_x, B[k]);
+      const float hk = kShared ? forward_step_decayed(h[k], delta, delta_x, B[k])
+                               : forward_step(h[k], delta, A[k], delta_x, B[k]);
       h[k] = hk;
       sum += C[k] * hk;
     }
@@ -211,16 +224,16 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
   if constexpr (kExact) {
     // Whole vectors: the states first, then C·h from the rows just written (in one loop, 8-9 % slower at N = 32
     // and no faster at 64). Not with an overlapping last vector: its store would stall the reload of the one before.
-    for (int k = 0; k < r; k += 8) store8(h + k, forward_step(load8(h + k), dl, load8(A + k), dx, load8(B + k)));
+    for (int k = 0; k < r; k += 8) store8(h + k, step8<kShared>(h + k, dl, A + k, dx, B + k));
     v8f acc = {};
     for (int k = 0; k < r; k += 8) acc += load8(C + k) * load8(h + k);
     return acc;
   }
   const int nv = kV > 0 ? kV : (r + 7) / 8, last = r - 8;
-  const v8f h_last = forward_step(load8(h + last), dl, load8(A + last), dx, load8(B + last));
+  const v8f h_last = step8<kShared>(h + last, dl, A + last, dx, B + last);
   v8f acc = tail_lanes(r - 8 * (nv - 1)) ? load8(C + last) * h_last : v8f{};
   for (int k = 0; k < 8 * (nv - 1); k += 8) {
-    const v8f hk = forward_step(load8(h + k), dl, load8(A + k), dx, load8(B + k));
+    const v8f hk = step8<kShared>(h + k, dl, A + k, dx, B + k);
     store8(h + k, hk);
     acc += load8(C + k) * hk;
   }

@@ -64,7 +64,8 @@ struct StateUpdateParams {
   DType state_dtype = DType::f32;
   int64_t state_stride0 = 0, state_stride1 = 0, state_stride2 = 1;
   Operand x, dt, z, B, C;
-  const float* A = nullptr;  // (D, N) contiguous
+  const float* A = nullptr;   // (D, N) contiguous, or (D,) with shared_decay
+  bool shared_decay = false;  // each channel's states share one A (Mamba-2's heads): ā computed once per channel
   const float* D = nullptr;
   const float* dt_bias = nullptr;
   const int32_t* ranks = nullptr;

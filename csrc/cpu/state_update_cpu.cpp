@@ -1,6 +1,7 @@
 // One decode step of the selective scan on the CPU, state updated in place. Channels are processed in blocks:
-// the per-channel scalars (Δ = softplus(dt + bias), Δ·x, the D skip, the silu gate) are computed for the whole
-// block in loops vectorised across channels; then each channel's kept states are advanced eight at a time
+// the per-channel scalars (Δ = softplus(dt + bias), Δ·x, the D skip, the silu gate, and ā = exp(Δ·A) when a
+// channel's states share one A, as Mamba-2's do) are computed for the whole block in loops vectorised across
+// channels; then each channel's kept states are advanced eight at a time
 // (advance_states), reading f32 rows in place when the layout allows (with fewer than eight states, the
 // block's states as one flat array; with a per-channel mask, the kept states gathered by index), and C·h is
 // summed eight channels at a time (sum_rows8). OpenMP over blocks when the step is big enough.
@@ -44,17 +45,19 @@ class GroupRow {
 };
 
 // The common case: f32 state, B and C with unit stride along N, no per-channel mask. Each channel reads
-// its rows in place; lanes[i] = channel d0 + i's C·h folded to eight lanes. kV, kExact: as advance_states.
+// its rows in place; lanes[i] = channel d0 + i's C·h folded to eight lanes. kV, kExact, kShared: as
+// advance_states; step[i] is channel d0 + i's Δ, or its ā with kShared (A then one value per channel, unread).
 // The channels go in runs that share their B and C rows (the whole block with one group), so the loop over
 // a run does no per-channel bookkeeping beyond two pointer increments (with Δ·x taken from the block's
 // array: 6-15 % faster than finding each channel's group rows and offsets).
-template <int kV, bool kExact>
-COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* delta, const float* delta_x,
+template <int kV, bool kExact, bool kShared>
+COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* step, const float* delta_x,
                                                v8f* lanes) {
   const StateUpdateParams& p = *a.p;
   const int N = p.dstate, b = a.b, d0 = a.d0;
   const int per_b = p.dim / p.groups_b, per_c = p.dim / p.groups_c;
-  const float* A = p.A + static_cast<int64_t>(d0) * N;
+  const int A_row = kShared ? 1 : N;
+  const float* A = p.A + static_cast<int64_t>(d0) * A_row;
   float* h = static_cast<float*>(p.state) + b * p.state_stride0 + d0 * p.state_stride1;
   const int64_t h_step = p.state_stride1;  // a local: the vector stores could alias p as far as GCC knows
   for (int i = 0; i < a.n;) {
@@ -62,28 +65,29 @@ COMPRESSM_ALWAYS_INLINE void channels_in_place(const BlockArgs& a, const float* 
     const int end = std::min(a.n, std::min((g_b + 1) * per_b, (g_c + 1) * per_c) - d0);
     const float* B = static_cast<const float*>(p.B.data) + b * p.B.stride0 + g_b * p.B.stride1;
     const float* C = static_cast<const float*>(p.C.data) + b * p.C.stride0 + g_c * p.C.stride1;
-    for (; i < end; ++i, A += N, h += h_step) {
-      lanes[i] = advance_states<kV, kExact>(N, delta[i], delta_x[i], A, B, C, h);
+    for (; i < end; ++i, A += A_row, h += h_step) {
+      lanes[i] = advance_states<kV, kExact, kShared>(N, step[i], delta_x[i], A, B, C, h);
     }
   }
 }
 
 // channels_in_place for N in (8·(kV - 1), 8·kV], unrolled, without the tail when N = 8·kV.
-template <int kV>
-COMPRESSM_ALWAYS_INLINE void channels_in_place_sized(const BlockArgs& a, const float* delta, const float* delta_x,
+template <int kV, bool kShared>
+COMPRESSM_ALWAYS_INLINE void channels_in_place_sized(const BlockArgs& a, const float* step, const float* delta_x,
                                                      v8f* lanes) {
   if (a.p->dstate == 8 * kV) {
-    channels_in_place<kV, true>(a, delta, delta_x, lanes);
+    channels_in_place<kV, true, kShared>(a, step, delta_x, lanes);
   } else {
-    channels_in_place<kV, false>(a, delta, delta_x, lanes);
+    channels_in_place<kV, false, kShared>(a, step, delta_x, lanes);
   }
 }
 
 // The common layout with fewer than eight states and contiguous rows: a channel's row would fill part of a
 // vector, so the block's n·N states are advanced as one flat array, eight at a time whatever channel each
-// belongs to, after laying out the per-state inputs the same way (Δ and Δ·x by channel, B and C by state).
-// Writes y[0, n).
-COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* delta, const float* delta_x, float* y) {
+// belongs to, after laying out the per-state inputs the same way (Δ, or ā with kShared, and Δ·x by channel,
+// B and C by state). Writes y[0, n).
+template <bool kShared>
+COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* step, const float* delta_x, float* y) {
   const StateUpdateParams& p = *a.p;
   const int N = p.dstate, b = a.b, d0 = a.d0, total = a.n * N;
   GroupRow B_rows(p.B, p.groups_b, p.dim, b, d0), C_rows(p.C, p.groups_c, p.dim, b, d0);
@@ -93,19 +97,20 @@ COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* delt
   const float* B_row = B_rows.at(d0);
   const float* C_row = C_rows.at(d0);
   for (int e = 0, i = 0, k = 0; e < total; ++e) {
-    dl[e] = delta[i], dx[e] = delta_x[i], B[e] = B_row[k], C[e] = C_row[k];
+    dl[e] = step[i], dx[e] = delta_x[i], B[e] = B_row[k], C[e] = C_row[k];
     if (++k == N && ++i < a.n) k = 0, B_row = B_rows.at(d0 + i), C_row = C_rows.at(d0 + i);
   }
   float* h = static_cast<float*>(p.state) + b * p.state_stride0 + static_cast<int64_t>(d0) * N;
-  const float* A = p.A + static_cast<int64_t>(d0) * N;
+  const float* A = p.A + static_cast<int64_t>(d0) * (kShared ? 1 : N);  // unread with kShared
   int e = 0;
   for (; e + 8 <= total; e += 8) {
-    const v8f hk = forward_step(load8(h + e), load8(dl + e), load8(A + e), load8(dx + e), load8(B + e));
+    const v8f hk = kShared ? forward_step_decayed(load8(h + e), load8(dl + e), load8(dx + e), load8(B + e))
+                           : forward_step(load8(h + e), load8(dl + e), load8(A + e), load8(dx + e), load8(B + e));
     store8(h + e, hk);
     store8(prod + e, load8(C + e) * hk);
   }
   for (; e < total; ++e) {  // the last total % 8 states
-    h[e] = forward_step(h[e], dl[e], A[e], dx[e], B[e]);
+    h[e] = kShared ? forward_step_decayed(h[e], dl[e], dx[e], B[e]) : forward_step(h[e], dl[e], A[e], dx[e], B[e]);
     prod[e] = C[e] * h[e];
   }
   for (int i = 0; i < a.n; ++i) {
@@ -117,7 +122,8 @@ COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* delt
 
 // A per-channel mask on the common layout: each channel's kept states gathered by index to f32 buffers,
 // advanced, then its row rewritten: zeros, then the kept states (so masked states are 0 afterwards).
-COMPRESSM_ALWAYS_INLINE void channels_kept(const BlockArgs& a, const float* delta, const float* delta_x,
+template <bool kShared>
+COMPRESSM_ALWAYS_INLINE void channels_kept(const BlockArgs& a, const float* step, const float* delta_x,
                                            v8f* lanes) {
   const StateUpdateParams& p = *a.p;
   const int N = p.dstate, b = a.b, d0 = a.d0;
@@ -127,13 +133,14 @@ COMPRESSM_ALWAYS_INLINE void channels_kept(const BlockArgs& a, const float* delt
   for (int i = 0; i < a.n; ++i) {
     const int d = d0 + i, r = p.ranks[d];
     const int32_t* kept = p.kept + static_cast<int64_t>(d) * N;
-    const float *A = p.A + static_cast<int64_t>(d) * N, *B_row = B.at(d), *C_row = C.at(d);
+    const float *A = p.A + static_cast<int64_t>(d) * (kShared ? 1 : N), *B_row = B.at(d), *C_row = C.at(d);
     float* h = h0 + d * p.state_stride1;
     for (int k = 0; k < r; ++k) {
       const int n = kept[k];
-      A_buf[k] = A[n], B_buf[k] = B_row[n], C_buf[k] = C_row[n], h_buf[k] = h[n];
+      if (!kShared) A_buf[k] = A[n];
+      B_buf[k] = B_row[n], C_buf[k] = C_row[n], h_buf[k] = h[n];
     }
-    lanes[i] = advance_states<0>(r, delta[i], delta_x[i], A_buf, B_buf, C_buf, h_buf);
+    lanes[i] = advance_states<0, false, kShared>(r, step[i], delta_x[i], A_buf, B_buf, C_buf, h_buf);
     std::fill_n(h, N, 0.0f);
     for (int k = 0; k < r; ++k) h[kept[k]] = h_buf[k];
   }
@@ -141,7 +148,8 @@ COMPRESSM_ALWAYS_INLINE void channels_kept(const BlockArgs& a, const float* delt
 
 // Any other layout: each channel's kept states gathered to f32 buffers in kept order, advanced, scattered
 // back (masked states set to 0).
-COMPRESSM_ALWAYS_INLINE void channels_gathered(const BlockArgs& a, const float* delta, const float* delta_x,
+template <bool kShared>
+COMPRESSM_ALWAYS_INLINE void channels_gathered(const BlockArgs& a, const float* step, const float* delta_x,
                                                v8f* lanes) {
   const StateUpdateParams& p = *a.p;
   const int N = p.dstate, b = a.b, d0 = a.d0;
@@ -153,15 +161,15 @@ COMPRESSM_ALWAYS_INLINE void channels_gathered(const BlockArgs& a, const float* 
     const int64_t off_b = b * p.B.stride0 + (d / (p.dim / p.groups_b)) * p.B.stride1;
     const int64_t off_c = b * p.C.stride0 + (d / (p.dim / p.groups_c)) * p.C.stride1;
     const int64_t off_h = b * p.state_stride0 + d * p.state_stride1;
-    const float* A = p.A + static_cast<int64_t>(d) * N;
+    const float* A = p.A + static_cast<int64_t>(d) * (kShared ? 1 : N);
     for (int k = 0; k < r; ++k) {
       const int n = kept ? kept[k] : k;
-      A_buf[k] = A[n];
+      if (!kShared) A_buf[k] = A[n];
       B_buf[k] = load(p.B.data, off_b + n * p.B.stride2, p.B.dtype);
       C_buf[k] = load(p.C.data, off_c + n * p.C.stride2, p.C.dtype);
       h_buf[k] = load(p.state, off_h + n * p.state_stride2, p.state_dtype);
     }
-    lanes[i] = advance_states<0>(r, delta[i], delta_x[i], A_buf, B_buf, C_buf, h_buf);
+    lanes[i] = advance_states<0, false, kShared>(r, step[i], delta_x[i], A_buf, B_buf, C_buf, h_buf);
     for (int k = 0; k < N; ++k) {
       const int n = kept ? kept[k] : k;
       store(p.state, off_h + n * p.state_stride2, p.state_dtype, k < r ? h_buf[k] : 0.0f);
@@ -169,10 +177,12 @@ COMPRESSM_ALWAYS_INLINE void channels_gathered(const BlockArgs& a, const float* 
   }
 }
 
-COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
+template <bool kShared>
+COMPRESSM_ALWAYS_INLINE void block_step_shared_or_not(const BlockArgs& a) {
   const StateUpdateParams& p = *a.p;
   const int b = a.b, d0 = a.d0, n = a.n;
   alignas(64) float x_buf[kBlock], dt_buf[kBlock], softplus_buf[kBlock], delta_x[kBlock], gate[kBlock], y_buf[kBlock];
+  alignas(64) float decay[kBlock];
   v8f lanes[kBlock];  // per channel, C·h folded to eight lanes
 
   // Per-channel scalars, vectorised across the block's channels.
@@ -192,6 +202,10 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
     delta = softplus_buf;
   }
   for (int i = 0; i < n; ++i) delta_x[i] = delta[i] * x[i];
+  if (kShared) {  // one ā per channel, vectorised across the block's channels
+    for (int i = 0; i < n; ++i) decay[i] = exp_f32(delta[i] * p.A[d0 + i]);
+  }
+  const float* step = kShared ? decay : delta;  // what advance_states takes
 
   // The state loops, then Σ over states, into the output row itself when it is fp32.
   const int64_t out_off = static_cast<int64_t>(b) * p.dim + d0;
@@ -200,21 +214,21 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
                         p.B.stride2 == 1 && p.C.dtype == DType::f32 && p.C.stride2 == 1;
   const bool in_place = f32_rows && !p.kept;
   if (in_place && p.dstate < 8 && p.state_stride1 == p.dstate) {
-    channels_flat(a, delta, delta_x, y);
+    channels_flat<kShared>(a, step, delta_x, y);
   } else {
     if (in_place) {
       switch ((p.dstate + 7) / 8) {  // what a cut leaves (up to 32 states) and 64 get unrolled loops
-        case 1: channels_in_place_sized<1>(a, delta, delta_x, lanes); break;
-        case 2: channels_in_place_sized<2>(a, delta, delta_x, lanes); break;
-        case 3: channels_in_place_sized<3>(a, delta, delta_x, lanes); break;
-        case 4: channels_in_place_sized<4>(a, delta, delta_x, lanes); break;
-        case 8: channels_in_place_sized<8>(a, delta, delta_x, lanes); break;
-        default: channels_in_place<0, false>(a, delta, delta_x, lanes);
+        case 1: channels_in_place_sized<1, kShared>(a, step, delta_x, lanes); break;
+        case 2: channels_in_place_sized<2, kShared>(a, step, delta_x, lanes); break;
+        case 3: channels_in_place_sized<3, kShared>(a, step, delta_x, lanes); break;
+        case 4: channels_in_place_sized<4, kShared>(a, step, delta_x, lanes); break;
+        case 8: channels_in_place_sized<8, kShared>(a, step, delta_x, lanes); break;
+        default: channels_in_place<0, false, kShared>(a, step, delta_x, lanes);
       }
     } else if (f32_rows) {  // with a per-channel mask
-      channels_kept(a, delta, delta_x, lanes);
+      channels_kept<kShared>(a, step, delta_x, lanes);
     } else {
-      channels_gathered(a, delta, delta_x, lanes);
+      channels_gathered<kShared>(a, step, delta_x, lanes);
     }
     int i = 0;
     for (; i + 8 <= n; i += 8) sum_rows8(lanes + i, y + i);
@@ -234,6 +248,14 @@ COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
     for (int i = 0; i < n; ++i) y[i] *= gate[i];
   }
   if (y == y_buf) store_row(p.out, out_off, p.x.dtype, n, y);
+}
+
+COMPRESSM_ALWAYS_INLINE void block_step_impl(const BlockArgs& a) {
+  if (a.p->shared_decay) {
+    block_step_shared_or_not<true>(a);
+  } else {
+    block_step_shared_or_not<false>(a);
+  }
 }
 COMPRESSM_DISPATCH(block_step, BlockArgs)
 

@@ -217,10 +217,12 @@ def state_update_unavailable_reason(tensors: dict[str, Tensor | None]) -> str | 
 
 
 def try_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                     z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool) -> Tensor | None:
+                     z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool,
+                     multi_head: bool = False) -> Tensor | None:
     """The eager C++ decode step without a mask, or ``None`` if the extension is missing, torch.compile is
     tracing, or the kernel refuses the inputs. The kernel checks every shape, dtype and device before it
-    writes the state, so a refusal has changed nothing; the caller then runs the full checks."""
+    writes the state, so a refusal has changed nothing; the caller then runs the full checks. ``multi_head``:
+    Mamba-2's ``(Bt, H, P, N)`` step instead of the ``(Bt, D, N)`` one."""
     if torch.compiler.is_compiling():
         return None
     module = load_extension("_C")[0]
@@ -228,6 +230,8 @@ def try_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
         return None
     try:
         softplus = bool(dt_softplus)
+        if multi_head:
+            return module.state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, softplus)
         return module.state_update(state, x, dt, A, B, C, D, z, dt_bias, None, None, softplus)
     except (TypeError, ValueError, RuntimeError):
         return None
