@@ -3,6 +3,7 @@ mamba_ssm's own pure-PyTorch pieces (ssd_minimal_discrete, rms_norm_ref, selecti
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -231,10 +232,18 @@ def test_unsupported_mamba2_arguments_raise_with_reason() -> None:
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], 16)
     with pytest.raises(ValueError, match="initial_states must have shape"):
         ssd_combined.mamba_chunk_scan_combined(*args, initial_states=torch.zeros(2, 4, 13, 3))
-    with pytest.raises(NotImplementedError, match="seq_idx"):
-        ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=torch.zeros(2, 37, dtype=torch.int32))
-    with pytest.raises(NotImplementedError, match="cu_seqlens"):
-        ssd_combined.mamba_chunk_scan_combined(*args, cu_seqlens=torch.tensor([0, 37]))
+    with pytest.raises(ValueError, match=r"seq_idx must be an integer tensor of shape \(Bt, L\) = \(2, 37\)"):
+        ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=torch.zeros(2, 36, dtype=torch.int32))
+    with pytest.raises(ValueError, match="return_varlen_states needs cu_seqlens"):
+        ssd_combined.mamba_chunk_scan_combined(*args, return_varlen_states=True)
+    one_row = (t["x"][:1], t["dt"][:1], t["A"], t["B"][:1], t["C"][:1], 16)
+    labels = torch.tensor([[0] * 20 + [1] * 17], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be the offsets .* lengths \[20, 17\]"):
+        ssd_combined.mamba_chunk_scan_combined(*one_row, seq_idx=labels, cu_seqlens=torch.tensor([0, 19, 37]),
+                                               return_varlen_states=True)
+    with pytest.raises(ValueError, match="cu_seqlens needs seq_idx"):
+        ssd_combined.mamba_chunk_scan_combined(*one_row, cu_seqlens=torch.tensor([0, 20, 37]),
+                                               return_varlen_states=True)
     with pytest.raises(ValueError, match="A must have shape"):
         ssd.ssd_scan(t["x"], t["dt"], torch.zeros(3), t["B"], t["C"])
     with pytest.raises(ValueError, match="B must have shape"):
@@ -320,3 +329,170 @@ def test_bad_mamba2_shapes_raise_naming_the_argument() -> None:
     with pytest.raises(ValueError, match="B must have shape"):
         mamba_step(state, torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), torch.zeros(3, 2, 4), torch.zeros(1, 2, 4),
                    torch.zeros(1, 2, 4))
+
+
+# ---- packed variable-length batches (seq_idx, cu_seqlens) -------------------------------------------------------
+def packed_runs(labels: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """Each row's runs of equal labels as (start, end, label)."""
+    rows = []
+    for row in labels.tolist():
+        starts = [0, *(t for t in range(1, len(row)) if row[t] != row[t - 1])]
+        rows.append([(a, b, row[a]) for a, b in itertools.pairwise([*starts, len(row)])])
+    return rows
+
+
+def oracle_packed_scan(leaves: dict, labels: torch.Tensor, dt_limit) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The float64 oracle run on each packed sequence alone: outputs back in place, and each sequence's final
+    state (the row's initial state goes to its first sequence if that one is labelled 0, as in mamba_ssm)."""
+    rows, finals = [], []
+    for b, runs in enumerate(packed_runs(labels)):
+        pieces = []
+        for start, end, label in runs:
+            cut = {k: (v[b:b + 1, start:end] if k in ("x", "dt", "B", "C", "z") else v) for k, v in leaves.items()}
+            initial = leaves["initial_states"][b:b + 1] if "initial_states" in leaves and start == 0 and label == 0 \
+                else None
+            y, final = oracle_scan(cut["x"], cut["dt"], cut["A"], cut["B"], cut["C"], cut["D"], cut.get("z"),
+                                   cut["dt_bias"], dt_limit, initial)
+            pieces.append(y)
+            finals.append(final)
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows), finals
+
+
+# Row 0 packs three sequences (lengths 5, 11, 21; labels from 0), row 1 two labelled 3 and 4, so its initial state
+# reaches none of them; 5 and 1 are shorter than the conv's window.
+PACKED_LABELS = torch.tensor([[0] * 5 + [1] * 11 + [2] * 21, [3] * 36 + [4]], dtype=torch.int32)
+
+
+@pytest.mark.parametrize(("gate", "dt_limit"), [(True, (0.0, math.inf)), (False, (0.1, 0.3))],
+                         ids=["gated", "dt-limit"])
+def test_packed_sequences_scan_each_from_zero(gate: bool, dt_limit) -> None:
+    """mamba_chunk_scan_combined with seq_idx on CPU: outputs, final states and every gradient == the float64
+    minimal SSD run on each packed sequence alone."""
+    t = scan_inputs(gate=gate, d_per_channel=True)
+    t["initial_states"] = torch.randn(2, 4, 3, 13, generator=torch.Generator().manual_seed(8)).requires_grad_(True)
+    leaves = {k: v for k, v in t.items() if v is not None}
+    gen = torch.Generator().manual_seed(5)
+    dy, dfinal = torch.randn(t["x"].shape, generator=gen), torch.randn(2, 4, 3, 13, generator=gen)
+    y, final = ssd_combined.mamba_chunk_scan_combined(
+        t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size=16, D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
+        initial_states=t["initial_states"], seq_idx=PACKED_LABELS, dt_softplus=True, dt_limit=dt_limit,
+        return_final_states=True)
+    ours = [y, final, *torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), list(leaves.values()))]
+    leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    y64, finals64 = oracle_packed_scan(leaves64, PACKED_LABELS, dt_limit)
+    final64 = torch.cat([finals64[2], finals64[4]])  # each row's last sequence
+    loss = (y64 * dy.double()).sum() + (final64 * dfinal.double()).sum()
+    want = [y64, final64, *torch.autograd.grad(loss, list(leaves64.values()))]
+    for got, expected, name in zip(ours, want, ["y", "final_states", *("d" + k for k in leaves)], strict=True):
+        assert_close(got, expected, F32, name)
+
+
+@pytest.mark.parametrize("with_final", [True, False])
+def test_varlen_states_are_each_sequences_final_state(with_final: bool) -> None:
+    """cu_seqlens with return_varlen_states: each sequence's final state (and gradients through them, which
+    mamba_ssm's kernels do not give), returned after the row's final state as mamba_ssm orders them."""
+    t = {k: (v[:1] if k in ("x", "dt", "B", "C", "z") else v) for k, v in scan_inputs(gate=False).items()
+         if v is not None}
+    labels = torch.tensor([[7] * 9 + [8] + [9] * 27], dtype=torch.int32)
+    cu_seqlens = torch.tensor([0, 9, 10, 37], dtype=torch.int32)
+    out = ssd_combined.mamba_chunk_scan_combined(
+        t["x"], t["dt"], t["A"], t["B"], t["C"], 16, D=t["D"], dt_bias=t["dt_bias"], seq_idx=labels,
+        cu_seqlens=cu_seqlens, dt_softplus=True, return_final_states=with_final, return_varlen_states=True)
+    assert len(out) == (3 if with_final else 2)
+    y, varlen = out[0], out[-1]
+    dvarlen = torch.randn(3, 4, 3, 13, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((varlen * dvarlen).sum() + y.sum(), list(t.values()))
+    leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
+    y64, finals64 = oracle_packed_scan(leaves64, labels, (0.0, math.inf))
+    want = torch.autograd.grad((torch.cat(finals64) * dvarlen.double()).sum() + y64.sum(), list(leaves64.values()))
+    assert_close(y, y64, F32, "y")
+    assert_close(varlen, torch.cat(finals64), F32, "varlen_states")
+    if with_final:
+        assert_close(out[1], finals64[-1], F32, "final_states")
+    for got, expected, name in zip(grads, want, t, strict=True):
+        assert_close(got, expected, F32, "d" + name)
+
+
+@pytest.mark.parametrize("initial", [False, True], ids=["no-initial-states", "initial-states"])
+def test_packed_causal_conv_matches_causal_conv1d_reference(initial: bool) -> None:
+    """causal-conv1d's causal_conv1d_fn with seq_idx on CPU (our causal_conv1d_cuda stand-in) == its own
+    PyTorch reference: the window restarts at each sequence, positions labelled < 0 output 0; gradients too."""
+    from causal_conv1d import causal_conv1d_fn
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
+
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.tensor([[-1] * 2 + [0] * 3 + [1] * 10 + [2] * 4, [5] * 1 + [6] * 18], dtype=torch.int32)
+    x = torch.randn(2, 6, 19, generator=gen).requires_grad_(True)
+    weight = torch.randn(6, 4, generator=gen).requires_grad_(True)
+    bias = torch.randn(6, generator=gen).requires_grad_(True)
+    leaves = [x, weight, bias]
+    init = None
+    if initial:
+        init = torch.randn(2, 6, 3, generator=gen).requires_grad_(True)
+        leaves.append(init)
+    dy = torch.randn(2, 6, 19, generator=gen)
+    y = causal_conv1d_fn(x, weight, bias, seq_idx=labels, initial_states=init, activation="silu")
+    ours = [y, *torch.autograd.grad(y, leaves, dy)]
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    y64 = causal_conv1d_ref(*leaves64[:3], initial_states=leaves64[3] if initial else None, activation="silu",
+                            seq_idx=labels)
+    want = [y64, *torch.autograd.grad(y64, leaves64, dy.double())]
+    for got, expected, name in zip(ours, want, ["y", "dx", "dweight", "dbias", "dinitial_states"], strict=False):
+        assert_close(got, expected, F32, name)
+    assert torch.all(y[0, :, :2] == 0)
+
+
+@pytest.mark.parametrize("mem_eff", [True, False], ids=["fused-path", "unfused-path"])
+def test_stock_mamba2_layer_on_packed_sequences_equals_each_alone(mem_eff: bool) -> None:
+    """A stock Mamba2 layer given sequences packed into one row (seq_idx, cu_seqlens): outputs and every
+    gradient == the layer run on each sequence alone (lengths 7, 1 and 20: shorter than the conv's window too)."""
+    torch.manual_seed(0)
+    layer = Mamba2(d_model=32, d_state=13, d_conv=4, expand=2, headdim=8, ngroups=2, chunk_size=16,
+                   use_mem_eff_path=mem_eff)
+    lengths = [7, 1, 20]
+    seqs = [torch.randn(1, n, 32) for n in lengths]
+    dys = [torch.randn(1, n, 32) for n in lengths]
+    u = torch.cat(seqs, dim=1).requires_grad_(True)
+    labels = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor(lengths))[None]
+    cu_seqlens = torch.tensor([0, 7, 8, 28], dtype=torch.int32)
+    y = layer(u, seq_idx=labels, cu_seqlens=cu_seqlens)
+    params = list(layer.parameters())
+    got = torch.autograd.grad(y, [u, *params], torch.cat(dys, dim=1))
+    alone = [s.clone().requires_grad_(True) for s in seqs]
+    ys = [layer(s) for s in alone]
+    want = torch.autograd.grad(ys, [*alone, *params], dys)
+    assert_close(y, torch.cat(ys, dim=1), F32, "y")
+    assert_close(got[0], torch.cat(want[:3], dim=1), F32, "du")
+    for g, w, (name, _) in zip(got[1:], want[3:], layer.named_parameters(), strict=True):
+        assert_close(g, w, F32, "d" + name)
+
+
+def test_stock_mamba2_prefills_packed_sequences_into_their_caches() -> None:
+    """Mamba2's varlen prefill (seq_idx, cu_seqlens, an inference cache with a row per sequence) on CPU:
+    causal-conv1d's causal_conv1d_varlen_states and the scan's varlen states fill each sequence's conv and
+    SSM state as prefilling it alone does, and the next decode step of all three agrees with each alone."""
+    from mamba_ssm.utils.generation import InferenceParams
+
+    torch.manual_seed(0)
+    layer = Mamba2(d_model=32, d_state=13, d_conv=4, expand=2, headdim=8, ngroups=2, chunk_size=16, layer_idx=0)
+    lengths = [7, 1, 20]
+    seqs = [torch.randn(1, n, 32) for n in lengths]
+    labels = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor(lengths))[None]
+    packed = InferenceParams(max_seqlen=32, max_batch_size=3)
+    with torch.no_grad():
+        y = layer(torch.cat(seqs, dim=1), seq_idx=labels, cu_seqlens=torch.tensor([0, 7, 8, 28], dtype=torch.int32),
+                  inference_params=packed)
+        alone = [InferenceParams(max_seqlen=32, max_batch_size=1) for _ in seqs]
+        ys = [layer(s, inference_params=p) for s, p in zip(seqs, alone, strict=True)]
+        assert_close(y, torch.cat(ys, dim=1), F32, "prefill y")
+        conv, ssm = packed.key_value_memory_dict[0]
+        for i, p in enumerate(alone):
+            assert_close(conv[i:i + 1], p.key_value_memory_dict[0][0], F32, f"conv state {i}")
+            assert_close(ssm[i:i + 1], p.key_value_memory_dict[0][1], F32, f"ssm state {i}")
+        token = torch.randn(3, 1, 32)
+        packed.seqlen_offset = 1
+        step = layer(token, inference_params=packed)
+        for i, p in enumerate(alone):
+            p.seqlen_offset = 1
+            assert_close(step[i:i + 1], layer(token[i:i + 1], inference_params=p), F32, f"step {i}")

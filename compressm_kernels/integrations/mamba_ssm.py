@@ -20,9 +20,10 @@ and, for CPU tensors only (CUDA tensors keep mamba_ssm's Triton kernels), routes
 ``RMSNorm``, i.e. ``rms_norm=True`` and ``fused_add_norm=True``) and Mamba-2's gated norm to PyTorch, and
 Mamba-2's ``mamba_chunk_scan_combined`` / ``mamba_split_conv1d_scan_combined`` to :mod:`.mamba_ssm_ssd`. What
 cannot run raises ``NotImplementedError`` with the reason (complex A; mamba_ssm's B/C/dt RMSNorm weights in its
-fused path; ``seq_idx``, ``cache_seqlens``/``conv_state_indices`` in causal conv; x1/weight1/rowscale/dropout
-masks in LayerNorm; Mamba-2's ``seq_idx`` and ``cu_seqlens``). ``generate(cg=True)`` (CUDA
-graphs) and ``enable_timing=True`` need CUDA.
+fused path; ``cache_seqlens``/``conv_state_indices`` in causal conv; x1/weight1/rowscale/dropout masks in
+LayerNorm). Packed variable-length batches (``seq_idx``, ``cu_seqlens``) run on CPU too, each sequence as a row of
+its own, and so does causal-conv1d's ``causal_conv1d_varlen_states``. ``generate(cg=True)`` (CUDA graphs) and
+``enable_timing=True`` need CUDA.
 """
 
 from __future__ import annotations
@@ -160,7 +161,15 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
                       initial_states: Tensor | None, out: Tensor, final_states_out: Tensor | None,
                       silu_activation: bool) -> None:
     """causal-conv1d's ``causal_conv1d_fwd``: writes ``out`` (and ``final_states_out``) in place."""
-    _no("seq_idx", seq_idx, "causal_conv1d_fwd")
+    if seq_idx is not None:  # each packed sequence as a row of its own (initial states: the first one's)
+        _no("final_states_out (with seq_idx)", final_states_out, "causal_conv1d_fwd")
+        runs = ssd.PackedRuns(seq_idx, x.shape[0], x.shape[-1])
+        rows = runs.unpack(x, dim=2)
+        rows_out = torch.empty_like(rows)
+        initial = None if initial_states is None else runs.first_runs(initial_states)
+        causal_conv1d_fwd(rows, weight, bias, None, initial, rows_out, None, silu_activation)
+        out.copy_(runs.repack(rows_out, dim=2).masked_fill((seq_idx < 0)[:, None, :], 0.0))
+        return
     act = "silu" if silu_activation else None
     cpu_args = _cpu_conv_args(x, weight, bias, initial_states)
     if cpu_args is not None:
@@ -180,7 +189,21 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tens
 
     Written out by hand (or our C++ backward, without initial or final states): it runs inside a
     ``torch.library`` op, where autograd does not record."""
-    _no("seq_idx", seq_idx, "causal_conv1d_bwd")
+    if seq_idx is not None:  # as causal_conv1d_fwd: each packed sequence a row of its own
+        _no("dfinal_states (with seq_idx)", dfinal_states, "causal_conv1d_bwd")
+        runs = ssd.PackedRuns(seq_idx, x.shape[0], x.shape[-1])
+        rows = runs.unpack(x, dim=2)
+        rows_dx = torch.empty_like(rows)
+        initial = None if initial_states is None else runs.first_runs(initial_states)
+        rows_dinitial = None if dinitial_states is None else dinitial_states.new_empty(runs.count,
+                                                                                         *dinitial_states.shape[1:])
+        dout = runs.unpack(dout.masked_fill((seq_idx < 0)[:, None, :], 0.0), dim=2)  # those outputs are 0
+        causal_conv1d_bwd(rows, weight, bias, dout, None, initial, None, rows_dx, dweight, dbias, rows_dinitial,
+                          silu_activation)
+        dx.copy_(runs.repack(rows_dx, dim=2))
+        if dinitial_states is not None:
+            dinitial_states.copy_(rows_dinitial.index_select(0, runs.first_run.to(x.device)))
+        return
     cpu_args = _cpu_conv_args(x, weight, bias, initial_states, dfinal_states, dinitial_states)
     if cpu_args is not None:
         grads = conv1d_cpu.causal_conv1d_bwd_cpu(*cpu_args, dout if dout.stride(-1) == 1 else dout.contiguous(),
@@ -361,7 +384,8 @@ def install() -> dict[str, str]:
 
     routes = {"selective_state_update": _cpu_state_update,
               "mamba_chunk_scan_combined": ssd.chunk_scan_combined,
-              "mamba_split_conv1d_scan_combined": ssd.split_conv1d_scan_combined}
+              "mamba_split_conv1d_scan_combined": ssd.split_conv1d_scan_combined,
+              "causal_conv1d_varlen_states": ssd.conv_varlen_states}
     for name in ("ops.triton.selective_state_update", "ops.triton.ssd_combined", "modules.mamba_simple",
                  "modules.mamba2", "modules.mamba2_simple"):
         module = importlib.import_module("mamba_ssm." + name)
@@ -372,4 +396,5 @@ def install() -> dict[str, str]:
     done["selective_state_update"] = "compressm_kernels.selective_state_update on CPU tensors, Triton on CUDA"
     done["mamba_chunk_scan_combined"] = "compressm_kernels.selective_scan_fn on CPU tensors, Triton on CUDA"
     done["mamba_split_conv1d_scan_combined"] = "compressm_kernels.selective_scan_fn on CPU tensors, Triton on CUDA"
+    done["causal_conv1d_varlen_states"] = "PyTorch on CPU tensors, Triton on CUDA"
     return done

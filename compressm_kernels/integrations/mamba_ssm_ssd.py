@@ -9,12 +9,13 @@ So each op here is a reshape around that function (the C++ kernel and its backwa
 PyTorch for the rest; everything is differentiable through autograd. mamba_ssm's chunked SSD algorithm
 gives the same result up to rounding.
 
-What mamba_ssm's ops take but these do not (``seq_idx``, ``cu_seqlens``, varlen states: variable-length
-batches) raises ``NotImplementedError`` naming it.
+Packed variable-length batches (``seq_idx``, and ``cu_seqlens`` for each sequence's final state) run each
+sequence as a row of its own (:class:`PackedRuns`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -27,10 +28,52 @@ from ..ops.selective_scan import selective_scan_fn
 from ..ops.state_update import selective_state_update
 
 
-def _unsupported(fn: str, **values: object) -> None:
-    for name, value in values.items():
-        if value is not None and value is not False:
-            raise NotImplementedError(f"mamba_ssm {fn} on CPU (compressm_kernels): {name} is not supported")
+class PackedRuns:
+    """mamba_ssm's packed sequences as rows of their own.
+
+    ``seq_idx`` ``(Bt, L)`` labels each position with the sequence packed there, and mamba_ssm's kernels reset
+    the scan's state and the conv's history wherever the label changes. Each run of equal labels becomes a row
+    of ``(R, W)`` (R runs, W the longest), left-aligned and followed by zeros, which change nothing before them
+    (the conv is causal) nor after (the scan gets Δ = 0 there: ā = 1 and no input), so a row's last state is
+    its run's final state."""
+
+    def __init__(self, seq_idx: Tensor, batch: int, seqlen: int) -> None:
+        if not isinstance(seq_idx, Tensor) or seq_idx.shape != (batch, seqlen) or seq_idx.is_floating_point():
+            raise ValueError(f"seq_idx must be an integer tensor of shape (Bt, L) = {(batch, seqlen)}, got "
+                             f"{getattr(seq_idx, 'shape', type(seq_idx).__name__)}")
+        labels = seq_idx.detach().cpu()
+        starts_run = torch.ones(batch, seqlen, dtype=torch.bool)
+        starts_run[:, 1:] = labels[:, 1:] != labels[:, :-1]
+        run = torch.cumsum(starts_run.flatten(), 0) - 1  # each position's run, rows in order
+        starts = starts_run.flatten().nonzero().flatten()
+        self.lengths = torch.diff(starts, append=torch.tensor([batch * seqlen]))
+        self.count, self.width, self.shape = len(starts), int(self.lengths.max()), (batch, seqlen)
+        position = torch.arange(batch * seqlen) - starts[run]
+        self.index = (run * self.width + position).to(seq_idx.device)  # where each position goes in the rows
+        self.first_run, self.last_run = run.view(batch, seqlen)[:, 0], run.view(batch, seqlen)[:, -1]
+        self.first_label = labels[:, 0]
+
+    def unpack(self, t: Tensor, dim: int = 1) -> Tensor:
+        """``t`` (batch axis 0, time axis ``dim``) with each run as a row: ``(R, ..., W, ...)``."""
+        moved = t.movedim(dim, 1)
+        rest = moved.shape[2:]
+        rows = moved.new_zeros(self.count * self.width, *rest).index_copy(0, self.index, moved.reshape(-1, *rest))
+        return rows.view(self.count, self.width, *rest).movedim(1, dim)
+
+    def repack(self, t: Tensor, dim: int = 1) -> Tensor:
+        """The inverse of :meth:`unpack`: ``(R, ..., W, ...)`` back to ``(Bt, ..., L, ...)``."""
+        moved = t.movedim(dim, 1)
+        rest = moved.shape[2:]
+        flat = moved.reshape(self.count * self.width, *rest).index_select(0, self.index)
+        return flat.view(*self.shape, *rest).movedim(1, dim)
+
+    def first_runs(self, per_row: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``(Bt, ...)`` values (a state before step 0) as ``(R, ...)``: each batch row's value goes to its first
+        run (only for the ``rows`` marked True, when given), zeros to the others."""
+        rows = torch.ones(self.shape[0], dtype=torch.bool) if rows is None else rows
+        index = self.first_run[rows].to(per_row.device)
+        out = per_row.new_zeros(self.count, *per_row.shape[1:])
+        return out.index_copy(0, index, per_row[rows.to(per_row.device)])
 
 
 def _per_channel(t: Tensor, headdim: int) -> Tensor:
@@ -41,7 +84,8 @@ def _per_channel(t: Tensor, headdim: int) -> Tensor:
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
              z: Tensor | None = None, dt_bias: Tensor | None = None, dt_softplus: bool = False,
              dt_limit: tuple[float, float] = (0.0, math.inf), return_final_states: bool = False,
-             initial_states: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+             initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
+             cu_seqlens: Tensor | None = None) -> Tensor | tuple[Tensor, ...]:
     """Mamba-2's selective scan, ``mamba_chunk_scan_combined``'s math without its chunking.
 
     Args:
@@ -49,9 +93,15 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
             clamped to ``dt_limit``, in fp32); A: ``(H,)``; B, C: ``(Bt, L, G, N)`` with G dividing H;
             D: optional ``(H,)`` or ``(H, P)``; z: optional ``(Bt, L, H, P)`` gate (``out · silu(z)``);
             initial_states: optional ``(Bt, H, P, N)`` state before step 0 (zero without).
+        seq_idx: optional ``(Bt, L)`` integer labels of packed sequences: the state restarts from zero wherever
+            the label changes. As in mamba_ssm, a row's initial state goes to its first sequence only if that
+            one's label is 0, and ``final_states`` is the state at the row's end (its last sequence's).
+        cu_seqlens: optional ``(S + 1,)`` offsets of the S sequences of a one-row batch (their labels in
+            ``seq_idx``); given, each one's final state is returned too (mamba_ssm's ``varlen_states``).
     Returns:
-        ``out`` ``(Bt, L, H, P)`` in x's dtype, or ``(out, final_states)`` with ``final_states``
-        ``(Bt, H, P, N)`` fp32.
+        ``out`` ``(Bt, L, H, P)`` in x's dtype; then ``final_states`` ``(Bt, H, P, N)`` fp32 if
+        ``return_final_states``; then ``varlen_states`` ``(S, H, P, N)`` if ``cu_seqlens``: a tuple when
+        there is more than ``out``.
     """
     batch, seqlen, nheads, headdim = x.shape
     if dt.shape != (batch, seqlen, nheads):
@@ -74,6 +124,35 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
     if dt_softplus:
         delta = F.softplus(delta)
     delta = delta.clamp(dt_limit[0], dt_limit[1])  # always, as mamba_ssm: the default (0, inf) clamps at 0
+    if seq_idx is None:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens needs seq_idx labelling the same sequences: mamba_ssm restarts the scan "
+                             "only where seq_idx changes")
+        y, last = _scan(x, delta, A, B, C, D, z, return_final_states, initial_states)
+        return y if last is None else (y, last)
+    runs = PackedRuns(seq_idx, batch, seqlen)
+    if cu_seqlens is not None:
+        lengths = torch.diff(cu_seqlens.detach().cpu().long())
+        if batch != 1 or cu_seqlens[0] != 0 or not torch.equal(lengths, runs.lengths):
+            raise ValueError(f"cu_seqlens must be the offsets of the sequences seq_idx labels in a one-row batch: "
+                             f"lengths {runs.lengths.tolist()}, got cu_seqlens {cu_seqlens.tolist()} for Bt={batch}")
+    if initial_states is not None:
+        initial_states = runs.first_runs(initial_states, rows=runs.first_label == 0)
+    x, delta, B, C, z = (None if t is None else runs.unpack(t) for t in (x, delta, B, C, z))
+    y, last = _scan(x, delta, A, B, C, D, z, return_final_states or cu_seqlens is not None, initial_states)
+    out = [runs.repack(y)]
+    if return_final_states:
+        out.append(last.index_select(0, runs.last_run))
+    if cu_seqlens is not None:
+        out.append(last)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+          return_final_states: bool, initial_states: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """ssd_scan on checked inputs and the fp32 Δ ``(Bt, L, H)``: ``(out, final_states or None)``."""
+    batch, seqlen, nheads, headdim = x.shape
+    dstate = B.shape[-1]
 
     def channels(t: Tensor) -> Tensor:  # (Bt, L, H, P) -> (Bt, H·P, L)
         return t.reshape(batch, seqlen, nheads * headdim).transpose(1, 2)
@@ -105,16 +184,17 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
         y = y.to(x.dtype)
         if last is not None:
             last = last + decay[:, -1, :, None, None] * h0
-    return y if last is None else (y, last)
+    return y, last
 
 
 def chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                         seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, math.inf),
                         return_final_states=False, return_varlen_states=False):
     """mamba_ssm's ``mamba_chunk_scan_combined`` (same arguments and returns; ``chunk_size`` is unused)."""
-    _unsupported("mamba_chunk_scan_combined", seq_idx=seq_idx, cu_seqlens=cu_seqlens,
-                 return_varlen_states=return_varlen_states)
-    return ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, return_final_states, initial_states)
+    if return_varlen_states and cu_seqlens is None:
+        raise ValueError("return_varlen_states needs cu_seqlens")
+    return ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, return_final_states, initial_states,
+                    seq_idx, cu_seqlens if return_varlen_states else None)
 
 
 def multi_head_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -181,6 +261,30 @@ def gated_norm(x: Tensor, weight: Tensor, bias: Tensor | None, z: Tensor | None 
     return y.to(x.dtype)
 
 
+def packed_causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+                         seq_idx: Tensor | None) -> Tensor:
+    """:func:`compressm_kernels.ops.conv1d.causal_conv1d` of ``x`` ``(Bt, D, L)``, with ``seq_idx`` as causal-conv1d
+    takes it: each packed sequence's window starts from zeros, and positions labelled below 0 output 0."""
+    if seq_idx is None:
+        return causal_conv1d(x, weight, bias, activation)
+    runs = PackedRuns(seq_idx, x.shape[0], x.shape[-1])
+    out = runs.repack(causal_conv1d(runs.unpack(x, dim=2), weight, bias, activation), dim=2)
+    return out.masked_fill((seq_idx < 0).to(out.device)[:, None, :], 0.0)
+
+
+def conv_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+    """causal-conv1d's ``causal_conv1d_varlen_states``: for x ``(total, D)`` holding the sequences that
+    ``cu_seqlens`` delimits, each one's last ``state_len`` inputs as a conv state ``(S, D, state_len)``, zeros in
+    front of a shorter sequence."""
+    offsets = cu_seqlens.tolist()
+    states = x.new_zeros(len(offsets) - 1, state_len, x.shape[1])
+    for i, (start, end) in enumerate(itertools.pairwise(offsets)):
+        kept = min(end - start, state_len)
+        if kept > 0:
+            states[i, state_len - kept:] = x[end - kept:end]
+    return states.transpose(1, 2)  # channel-last memory, as causal-conv1d's
+
+
 def split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
                                seq_idx=None, dt_limit=(0.0, math.inf), return_final_states=False, activation="silu",
                                rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None,
@@ -188,7 +292,6 @@ def split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D
     """mamba_ssm's ``mamba_split_conv1d_scan_combined``, the Mamba-2 layer after ``in_proj``: split
     ``zxbcdt`` into ``[z0, x0,] z, xBC, dt``, causal conv of xBC, the scan, gated RMSNorm (per group of
     ``dim / ngroups`` features), ``silu(z0) · x0`` in front, then ``out_proj``. Same arguments and returns."""
-    _unsupported("mamba_split_conv1d_scan_combined", seq_idx=seq_idx)
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     if outproj_bias is not None and outproj_weight is None:
@@ -207,13 +310,13 @@ def split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D
         raise ValueError(f"zxbcdt's last axis {width} does not split as 2·d_mlp + 2·{dim} + 2·{ngroups}·{dstate} + "
                          f"{nheads} (dim, ngroups, dstate, nheads)")
     z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
-    xBC = causal_conv1d(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, activation).transpose(1, 2)
+    xBC = packed_causal_conv1d(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, activation, seq_idx).transpose(1, 2)
     x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
     heads = (batch, seqlen, nheads, headdim)
     groups = (batch, seqlen, ngroups, dstate)
     out = ssd_scan(x.reshape(heads), dt, A, B.reshape(groups), C.reshape(groups), D,
                    z.reshape(heads) if rmsnorm_weight is None else None, dt_bias, True, dt_limit, return_final_states,
-                   initial_states)
+                   initial_states, seq_idx)
     y, final = out if return_final_states else (out, None)
     y = y.reshape(batch, seqlen, dim)
     if rmsnorm_weight is not None:
