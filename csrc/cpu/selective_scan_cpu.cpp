@@ -28,7 +28,8 @@ namespace {
 COMPRESSM_ALWAYS_INLINE constexpr int round8(int n) { return (n + 7) & ~7; }
 
 // T steps of r states (padded to rp). Row t of B/C is at B + t·ldb (ldb = 0: time-invariant); h (rp,) is
-// updated in place; y[t] = Σ_k C_t[k] h_t[k]; hist (T, rp), when given, receives every h_t.
+// updated in place; y[t] = Σ_k C_t[k] h_t[k]; hist (T, rp), when given, receives every h_t, and hist_decay (T, rp)
+// every ā_t (the states' own A: the backward's reverse pass reads them instead of taking each exp again).
 struct ForwardArgs {
   int r, T;
   const float* A;
@@ -42,6 +43,7 @@ struct ForwardArgs {
   float* y;
   float* hist;
   const float* decay;  // (T,) ā_t when the channel's states share one A (see Channel::shared_A), else nullptr
+  float* hist_decay;
 };
 
 constexpr int kMaxState = 256;  // the package's MAX_DSTATE; bindings.cpp checks it
@@ -75,10 +77,13 @@ COMPRESSM_ALWAYS_INLINE void forward_block(const ForwardArgs& a, int k0, int rp,
     const float* C = a.C + t * a.ldc + k0;
     v8f acc = kFirst ? v8f{} : lanes[t];
     for (int j = 0; j < kV; ++j) {
-      const v8f Bj = load8(B + 8 * j);
-      h[j] = kShared ? forward_step_decayed(h[j], broadcast8(a.decay[t]), delta_u, Bj)
-                     : forward_step(h[j], delta, A[j], delta_u, Bj);
-      if (kHist) store8(a.hist + static_cast<int64_t>(t) * rp + k0 + 8 * j, h[j]);
+      const v8f a_t = kShared ? broadcast8(a.decay[t]) : decay(delta, A[j]);
+      h[j] = forward_step_decayed(h[j], a_t, delta_u, load8(B + 8 * j));
+      if constexpr (kHist) {
+        const int64_t at = static_cast<int64_t>(t) * rp + k0 + 8 * j;
+        store8(a.hist + at, h[j]);
+        if (!kShared) store8(a.hist_decay + at, a_t);
+      }
       acc += load8(C + 8 * j) * h[j];
     }
     lanes[t] = acc;
@@ -116,9 +121,13 @@ COMPRESSM_ALWAYS_INLINE void forward_through_memory(const ForwardArgs& a, int rp
     const float* C = a.C + t * a.ldc;
     v8f acc{};
     for (int k = 0; k < rp; k += 8) {
-      const v8f hk = forward_step(load8(a.h + k), delta, load8(a.A + k), delta_u, load8(B + k));
+      const v8f a_t = decay(delta, load8(a.A + k));
+      const v8f hk = forward_step_decayed(load8(a.h + k), a_t, delta_u, load8(B + k));
       store8(a.h + k, hk);
-      if (kHist) store8(a.hist + static_cast<int64_t>(t) * rp + k, hk);
+      if constexpr (kHist) {
+        store8(a.hist + static_cast<int64_t>(t) * rp + k, hk);
+        store8(a.hist_decay + static_cast<int64_t>(t) * rp + k, a_t);
+      }
       acc += load8(C + k) * hk;
     }
     lanes[t] = acc;
@@ -172,6 +181,7 @@ struct ReverseArgs {
   int64_t ldc;
   const float* h_in;  // (rp,) h before the chunk
   const float* hist;  // (T, rp) h_t
+  const float* hist_decay;  // (T, rp) ā_t of each state (ForwardArgs::hist_decay), or nullptr with decay
   float* dB;
   int64_t lddb;
   float* dC;
@@ -222,8 +232,9 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
     } else {
       for (int j = 0; j < kV; ++j) {
         const int k = 8 * j;
-        const StepGradsOf<v8f> g =
-            reverse_step(carry[j], dy, d, A[j], u, load8(B + k), load8(C + k), load8(hp + k), load8(ht + k));
+        const v8f a_t = load8(a.hist_decay + static_cast<int64_t>(t) * rp + k0 + k);
+        const StepGradsOf<v8f> g = reverse_step_decayed(carry[j], dy, d, A[j], a_t, u, load8(B + k), load8(C + k),
+                                                        load8(hp + k), load8(ht + k));
         store8(dB + k, load8(dB + k) + g.dB);
         store8(dC + k, load8(dC + k) + g.dC);
         dA[j] += g.dA;
@@ -458,7 +469,7 @@ struct Scratch {
   std::vector<float> A, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;       // (NP,)
   std::vector<float> delta, delta_grad, delta_u, decay, y, dy, ddelta, du, dz;  // (chunk,)
   std::vector<float> raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
-  std::vector<float> hist, B_gather, C_gather, dB_gather, dC_gather;             // (chunk, NP)
+  std::vector<float> hist, hist_decay, B_gather, C_gather, dB_gather, dC_gather;  // (chunk, NP)
 
   Scratch(int N, int chunk, bool backward)
       : A(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)), B_inv(round8(N)),
@@ -467,6 +478,7 @@ struct Scratch {
         dout(chunk), B_gather(static_cast<size_t>(chunk) * round8(N)), C_gather(static_cast<size_t>(chunk) * round8(N)) {
     if (backward) {
       hist.resize(static_cast<size_t>(chunk) * round8(N));
+      hist_decay.resize(static_cast<size_t>(chunk) * round8(N));
       dB_gather.resize(static_cast<size_t>(chunk) * round8(N));
       dC_gather.resize(static_cast<size_t>(chunk) * round8(N));
     }
@@ -733,7 +745,8 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     for (int k = 0; k < r; ++k) s.h_in[k] = c > 0 ? saved[ch.state(k)] : 0.0f;
     std::copy_n(s.h_in.begin(), rp, s.h.begin());
     forward_core_hist({r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
-                       rows.ldc, s.y.data(), s.hist.data(), ch.shared_A ? s.decay.data() : nullptr});
+                       rows.ldc, s.y.data(), s.hist.data(), ch.shared_A ? s.decay.data() : nullptr,
+                       s.hist_decay.data()});
 
     const float* dy = gate_backward(p, ch, t0, T, u, s.y.data(), s, &dD);
 
@@ -759,7 +772,7 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     float* ddelta = steps_out(p.ddelta, p.delta.dtype, ch.dense + t0, s.ddelta);
     float* du = steps_out(p.du, p.u.dtype, ch.dense + t0, s.du);
     reverse_core({r, T, s.A.data(), s.carry.data(), s.delta.data(), u, dy, rows.B, rows.ldb, rows.C, rows.ldc,
-                  s.h_in.data(), s.hist.data(), dBp, lddb, dCp, lddc, s.dA.data(), ddelta, du,
+                  s.h_in.data(), s.hist.data(), s.hist_decay.data(), dBp, lddb, dCp, lddc, s.dA.data(), ddelta, du,
                   ch.shared_A ? s.decay.data() : nullptr});
     if (ch.kept) {  // add the kept states' columns back at their state indices
       if (p.b_variable) scatter_add_columns({s.dB_gather.data(), p.seqlen, T, r, ch.kept, dB_rows});
@@ -924,8 +937,8 @@ COMPRESSM_ALWAYS_INLINE void fold_lanes_impl(const FoldLanesArgs& a) {
 }
 COMPRESSM_DISPATCH(fold_lanes, FoldLanesArgs)
 
-// forward_core over a pack: T steps of one vector. lanes[t] receives C_t·h_t per lane; hist (T, 8), when given,
-// every h_t.
+// forward_core over a pack: T steps of one vector. lanes[t] receives C_t·h_t per lane; hist and hist_decay (T, 8),
+// when given, every h_t and ā_t.
 struct PackedForwardArgs {
   int T;
   const float* A;  // (8,) lanes
@@ -938,6 +951,7 @@ struct PackedForwardArgs {
   int64_t ldc;
   v8f* lanes;
   float* hist;
+  float* hist_decay;
 };
 
 template <bool kHist>
@@ -945,8 +959,9 @@ COMPRESSM_ALWAYS_INLINE void packed_forward(const PackedForwardArgs& a) {
   const v8f A = load8(a.A);
   v8f h = load8(a.h);
   for (int t = 0; t < a.T; ++t) {
-    h = forward_step(h, load8(a.delta + 8 * t), A, load8(a.delta_u + 8 * t), load8(a.B + t * a.ldb));
-    if (kHist) store8(a.hist + 8 * t, h);
+    const v8f a_t = decay(load8(a.delta + 8 * t), A);
+    h = forward_step_decayed(h, a_t, load8(a.delta_u + 8 * t), load8(a.B + t * a.ldb));
+    if constexpr (kHist) store8(a.hist + 8 * t, h), store8(a.hist_decay + 8 * t, a_t);
     a.lanes[t] = load8(a.C + t * a.ldc) * h;
   }
   store8(a.h, h);
@@ -971,7 +986,8 @@ struct PackedReverseArgs {
   const float* C;
   int64_t ldc;
   const float* h_in;  // (8,) h before the chunk
-  const float* hist;  // (T, 8) h_t
+  const float* hist;        // (T, 8) h_t
+  const float* hist_decay;  // (T, 8) ā_t
   float* dB;
   int64_t lddb;
   float* dC;
@@ -985,9 +1001,10 @@ COMPRESSM_ALWAYS_INLINE void packed_reverse_core_impl(const PackedReverseArgs& a
   v8f carry = load8(a.carry), dA = load8(a.dA);
   for (int t = a.T - 1; t >= 0; --t) {
     const float* hp = t > 0 ? a.hist + 8 * (t - 1) : a.h_in;
-    const StepGradsOf<v8f> g =
-        reverse_step(carry, load8(a.dy + 8 * t), load8(a.delta + 8 * t), A, load8(a.u + 8 * t),
-                     load8(a.B + t * a.ldb), load8(a.C + t * a.ldc), load8(hp), load8(a.hist + 8 * t));
+    const StepGradsOf<v8f> g = reverse_step_decayed(carry, load8(a.dy + 8 * t), load8(a.delta + 8 * t), A,
+                                                    load8(a.hist_decay + 8 * t), load8(a.u + 8 * t),
+                                                    load8(a.B + t * a.ldb), load8(a.C + t * a.ldc), load8(hp),
+                                                    load8(a.hist + 8 * t));
     float* dBt = a.dB + t * a.lddb;
     float* dCt = a.dC + t * a.lddc;
     store8(dBt, load8(dBt) + g.dB);
@@ -1017,12 +1034,12 @@ int pack_width(const ScanParams& p) {
 // states over a chunk.
 struct PackScratch {
   std::vector<Scratch> channels;                     // (G,)
-  std::vector<float> delta, delta_u, u, dy, hist;    // (chunk, 8)
+  std::vector<float> delta, delta_u, u, dy, hist, hist_decay;  // (chunk, 8)
   std::vector<float> zeros, discard;                 // (chunk,): rows of the channels past D
 
   PackScratch(int N, int chunk, int w, bool backward)
       : channels(8 / w, Scratch(N, chunk, backward)), delta(8 * chunk), delta_u(8 * chunk), u(8 * chunk),
-        dy(8 * chunk), hist(8 * chunk), zeros(chunk), discard(chunk) {}
+        dy(8 * chunk), hist(8 * chunk), hist_decay(8 * chunk), zeros(chunk), discard(chunk) {}
 };
 
 // The G channels of one batch from d0 (n of them within D): their Channels, and their parameters as lanes.
@@ -1123,7 +1140,7 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
     }
     std::copy_n(h_in, 8, h);
     packed_forward_core_hist({T, pk.A, h, ps.delta.data(), ps.delta_u.data(), rows.B, rows.ldb, rows.C, rows.ldc,
-                              lanes, ps.hist.data()});
+                              lanes, ps.hist.data(), ps.hist_decay.data()});
     float* y[8];
     for (int i = 0; i < pk.G; ++i) y[i] = i < pk.n ? ps.channels[i].y.data() : ps.discard.data();
     fold_lanes({lanes, T, w, y});
@@ -1142,7 +1159,8 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
     pack_steps({dy, T, w, ps.dy.data()});
     pack_steps({u, T, w, ps.u.data()});
     packed_reverse_core({T, pk.A, carry, dA, ps.delta.data(), ps.u.data(), ps.dy.data(), rows.B, rows.ldb, rows.C,
-                         rows.ldc, h_in, ps.hist.data(), dBp, p.b_variable ? 8 : 0, dCp, p.c_variable ? 8 : 0,
+                         rows.ldc, h_in, ps.hist.data(), ps.hist_decay.data(), dBp, p.b_variable ? 8 : 0, dCp,
+                         p.c_variable ? 8 : 0,
                          lanes, lanes_du});
     float *ddelta[8], *du[8];
     for (int i = 0; i < pk.G; ++i) {

@@ -250,10 +250,11 @@ struct StepGradsOf {
 };
 using StepGrads = StepGradsOf<float>;
 
-// carry = ā_{t+1} g_{t+1} (or ∂loss/∂h_{L-1} at the last step); h_prev = h_{t-1}; h = h_t.
+// carry = ā_{t+1} g_{t+1} (or ∂loss/∂h_{L-1} at the last step); h_prev = h_{t-1}; h = h_t; a = ā_t, given (the
+// CPU backward keeps the one its forward recomputation took).
 template <typename F>
-COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step(F carry, F dy, F delta, F A, F u, F B, F C, F h_prev, F h) {
-  const F a = decay(delta, A);
+COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step_decayed(F carry, F dy, F delta, F A, F a, F u, F B, F C, F h_prev,
+                                                          F h) {
   const F g = dy * C + carry;
   const F g_delta = g * delta;
   StepGradsOf<F> out;
@@ -264,6 +265,11 @@ COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step(F carry, F dy, F delta, F A, F
   out.dA = g_delta * a * h_prev;
   out.carry = a * g;
   return out;
+}
+
+template <typename F>
+COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step(F carry, F dy, F delta, F A, F u, F B, F C, F h_prev, F h) {
+  return reverse_step_decayed(carry, dy, delta, A, decay(delta, A), u, B, C, h_prev, h);
 }
 
 // ------------------------------------------------------------------------------- one state, one chunk
