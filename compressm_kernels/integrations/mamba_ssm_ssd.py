@@ -142,7 +142,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
     y, last = _scan(x, delta, A, B, C, D, z, return_final_states or cu_seqlens is not None, initial_states)
     out = [runs.repack(y)]
     if return_final_states:
-        out.append(last.index_select(0, runs.last_run))
+        out.append(last.index_select(0, runs.last_run.to(last.device)))
     if cu_seqlens is not None:
         out.append(last)
     return out[0] if len(out) == 1 else tuple(out)
