@@ -496,3 +496,47 @@ def test_stock_mamba2_prefills_packed_sequences_into_their_caches() -> None:
         for i, p in enumerate(alone):
             p.seqlen_offset = 1
             assert_close(step[i:i + 1], layer(token[i:i + 1], inference_params=p), F32, f"step {i}")
+
+
+def test_packed_sequence_bad_inputs_raise_and_change_nothing() -> None:
+    """Labels that come back after another label (which a run per sequence cannot express), impossible
+    cu_seqlens, a wrongly shaped conv initial state, B and C of different groups: ValueError naming the argument,
+    inputs untouched."""
+    from causal_conv1d import causal_conv1d_fn
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
+
+    t = {k: v.detach()[:1] if k in ("x", "dt", "B", "C", "z") else v.detach()
+         for k, v in scan_inputs(gate=False).items() if v is not None}
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"], 16)
+    back = torch.tensor([[0] * 10 + [1] * 10 + [0] * 17], dtype=torch.int32)
+    with pytest.raises(ValueError, match="seq_idx: label 0 comes back at position 20 of row 0"):
+        ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=back)
+    with pytest.raises(ValueError, match="seq_idx must be an integer tensor"):
+        ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=torch.zeros(1, 37, dtype=torch.bool))
+    labels = torch.tensor([[0] * 20 + [1] * 17], dtype=torch.int32)
+    for cu in (torch.tensor([0.0, 20.0, 37.0]), torch.tensor([[0, 20, 37]]), torch.tensor([], dtype=torch.int64)):
+        with pytest.raises(ValueError, match="cu_seqlens must be a 1-D integer tensor"):
+            ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=labels, cu_seqlens=cu, return_varlen_states=True)
+    tokens = torch.randn(10, 5)
+    for cu in ([0, 4, 12], [0, 6, 4], [1, 10]):
+        with pytest.raises(ValueError, match="cu_seqlens must be .* offsets from 0 to 10, non-decreasing"):
+            ssd.conv_varlen_states(tokens, torch.tensor(cu), 3)
+
+    x, weight = torch.randn(1, 5, 10), torch.randn(5, 4)
+    before = x.clone()
+    with pytest.raises(ValueError, match="seq_idx: label 0 comes back"):
+        causal_conv1d_fn(x, weight, seq_idx=torch.tensor([[0, 0, 1, 0, 2, 2, 2, 2, 2, 2]], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"initial_states must have shape \(Bt, D, W - 1\) = \(1, 5, 3\)"):
+        causal_conv1d_fn(x, weight, seq_idx=torch.zeros(1, 10, dtype=torch.int32), initial_states=torch.zeros(2, 5, 3))
+    assert torch.equal(x, before)
+    padded = torch.tensor([[0, 0, -1, 1, 1, -1, -1, 2, 2, 2]], dtype=torch.int32)  # padding labels may repeat
+    assert_close(causal_conv1d_fn(x, weight, seq_idx=padded), causal_conv1d_ref(x.double(), weight.double(),
+                 seq_idx=padded), F32, "conv with repeated padding labels")
+
+    state = torch.randn(2, 4, 3, 5)
+    kept = state.clone()
+    step_args = (torch.randn(2, 4, 3), torch.randn(2, 4, 3), -torch.rand(4, 3, 5), torch.randn(2, 2, 5),
+                 torch.randn(2, 1, 5))
+    with pytest.raises(ValueError, match=r"C must have shape \(Bt, G, N\) with G dividing H=4 \(B and C alike\)"):
+        mamba_step(state, *step_args)
+    assert torch.equal(state, kept)

@@ -149,6 +149,13 @@ def _no(name: str, value: object, fn: str) -> None:
                                   "supported")
 
 
+def _check_initial_states(x: Tensor, weight: Tensor, initial_states: Tensor | None) -> None:
+    expected = (x.shape[0], x.shape[1], weight.shape[1] - 1)
+    if initial_states is not None and tuple(initial_states.shape) != expected:
+        raise ValueError(f"initial_states must have shape (Bt, D, W - 1) = {expected}, got "
+                         f"{tuple(initial_states.shape)}")
+
+
 def _cpu_conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, *absent: Tensor | None):
     """``(x, weight, bias)`` as our C++ conv takes them, or ``None`` where it cannot run these inputs (initial
     or final states, which it does not model; other devices; float64)."""
@@ -161,6 +168,7 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
                       initial_states: Tensor | None, out: Tensor, final_states_out: Tensor | None,
                       silu_activation: bool) -> None:
     """causal-conv1d's ``causal_conv1d_fwd``: writes ``out`` (and ``final_states_out``) in place."""
+    _check_initial_states(x, weight, initial_states)
     if seq_idx is not None:  # each packed sequence as a row of its own (initial states: the first one's)
         _no("final_states_out (with seq_idx)", final_states_out, "causal_conv1d_fwd")
         runs = ssd.PackedRuns(seq_idx, x.shape[0], x.shape[-1])

@@ -35,17 +35,25 @@ class PackedRuns:
     the scan's state and the conv's history wherever the label changes. Each run of equal labels becomes a row
     of ``(R, W)`` (R runs, W the longest), left-aligned and followed by zeros, which change nothing before them
     (the conv is causal) nor after (the scan gets Δ = 0 there: ā = 1 and no input), so a row's last state is
-    its run's final state."""
+    its run's final state.
+
+    The labels must be sequence indices as mamba_ssm builds them from ``cu_seqlens``: a label that came back after
+    another would join its sequence again in causal-conv1d's window (and in mamba_ssm's scan within a chunk), which
+    runs cannot express, so it is refused. Negative labels (padding, whose conv output is 0) may repeat."""
 
     def __init__(self, seq_idx: Tensor, batch: int, seqlen: int) -> None:
-        if not isinstance(seq_idx, Tensor) or seq_idx.shape != (batch, seqlen) or seq_idx.is_floating_point():
+        integer = isinstance(seq_idx, Tensor) and not seq_idx.is_floating_point() and not seq_idx.is_complex() \
+            and seq_idx.dtype != torch.bool
+        if not integer or seq_idx.shape != (batch, seqlen):
             raise ValueError(f"seq_idx must be an integer tensor of shape (Bt, L) = {(batch, seqlen)}, got "
-                             f"{getattr(seq_idx, 'shape', type(seq_idx).__name__)}")
+                             f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)} of shape "
+                             f"{tuple(getattr(seq_idx, 'shape', ()))}")
         labels = seq_idx.detach().cpu()
         starts_run = torch.ones(batch, seqlen, dtype=torch.bool)
         starts_run[:, 1:] = labels[:, 1:] != labels[:, :-1]
         run = torch.cumsum(starts_run.flatten(), 0) - 1  # each position's run, rows in order
         starts = starts_run.flatten().nonzero().flatten()
+        _refuse_labels_coming_back(labels.flatten()[starts], starts, seqlen)
         self.lengths = torch.diff(starts, append=torch.tensor([batch * seqlen]))
         self.count, self.width, self.shape = len(starts), int(self.lengths.max()), (batch, seqlen)
         position = torch.arange(batch * seqlen) - starts[run]
@@ -74,6 +82,28 @@ class PackedRuns:
         index = self.first_run[rows].to(per_row.device)
         out = per_row.new_zeros(self.count, *per_row.shape[1:])
         return out.index_copy(0, index, per_row[rows.to(per_row.device)])
+
+
+def _refuse_labels_coming_back(run_labels: Tensor, run_starts: Tensor, seqlen: int) -> None:
+    seen: set[tuple[int, int]] = set()
+    for label, start in zip(run_labels.tolist(), run_starts.tolist(), strict=True):
+        row = start // seqlen
+        if label >= 0 and (row, label) in seen:
+            raise ValueError(f"seq_idx: label {label} comes back at position {start % seqlen} of row {row} after "
+                             "another label; each packed sequence must be one run (labels are sequence indices, as "
+                             "mamba_ssm builds them from cu_seqlens)")
+        seen.add((row, label))
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, total: int) -> list[int]:
+    """``cu_seqlens`` as a list of offsets, checked: 1-D integers from 0, non-decreasing, ending at ``total``."""
+    ok = isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1 and len(cu_seqlens) >= 2 \
+        and not cu_seqlens.is_floating_point() and cu_seqlens.dtype != torch.bool
+    offsets = cu_seqlens.tolist() if ok else []
+    if not ok or offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in itertools.pairwise(offsets)):
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor of sequence offsets from 0 to {total}, "
+                         f"non-decreasing, got {cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens}")
+    return offsets
 
 
 def _per_channel(t: Tensor, headdim: int) -> Tensor:
@@ -132,8 +162,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
         return y if last is None else (y, last)
     runs = PackedRuns(seq_idx, batch, seqlen)
     if cu_seqlens is not None:
-        lengths = torch.diff(cu_seqlens.detach().cpu().long())
-        if batch != 1 or cu_seqlens[0] != 0 or not torch.equal(lengths, runs.lengths):
+        lengths = torch.diff(torch.tensor(_check_cu_seqlens(cu_seqlens, batch * seqlen)))
+        if batch != 1 or not torch.equal(lengths, runs.lengths):
             raise ValueError(f"cu_seqlens must be the offsets of the sequences seq_idx labels in a one-row batch: "
                              f"lengths {runs.lengths.tolist()}, got cu_seqlens {cu_seqlens.tolist()} for Bt={batch}")
     if initial_states is not None:
@@ -276,7 +306,9 @@ def conv_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
     """causal-conv1d's ``causal_conv1d_varlen_states``: for x ``(total, D)`` holding the sequences that
     ``cu_seqlens`` delimits, each one's last ``state_len`` inputs as a conv state ``(S, D, state_len)``, zeros in
     front of a shorter sequence."""
-    offsets = cu_seqlens.tolist()
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (total, D), got {tuple(x.shape)}")
+    offsets = _check_cu_seqlens(cu_seqlens, x.shape[0])
     states = x.new_zeros(len(offsets) - 1, state_len, x.shape[1])
     for i, (start, end) in enumerate(itertools.pairwise(offsets)):
         kept = min(end - start, state_len)

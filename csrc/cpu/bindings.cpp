@@ -308,8 +308,9 @@ Tensor state_update_heads(const Tensor& state, const Tensor& x, const Tensor& dt
     return t->reshape({dim});
   };
   for (auto [t, name] : {std::pair{&B, "B"}, std::pair{&C, "C"}}) {
-    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(1) >= 1 && heads % t->size(1) == 0, name,
-                      " must have shape (Bt, G, N) with G dividing H=", heads, ", got ", shape_of(*t));
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(1) >= 1 && heads % t->size(1) == 0 && t->sizes() == B.sizes(), name,
+                      " must have shape (Bt, G, N) with G dividing H=", heads, " (B and C alike), got ",
+                      shape_of(*t));
   }
   check_shape(A, "A", {heads, headdim, dstate});
   // An A expanded along N stays so (state_update then takes one decay per channel).
