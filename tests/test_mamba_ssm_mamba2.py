@@ -519,7 +519,7 @@ def test_packed_sequence_bad_inputs_raise_and_change_nothing() -> None:
             ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=labels, cu_seqlens=cu, return_varlen_states=True)
     tokens = torch.randn(10, 5)
     for cu in ([0, 4, 12], [0, 6, 4], [1, 10]):
-        with pytest.raises(ValueError, match="cu_seqlens must be .* offsets from 0 to 10, non-decreasing"):
+        with pytest.raises(ValueError, match=r"cu_seqlens must be .* offsets from 0 to 10, non-decreasing"):
             ssd.conv_varlen_states(tokens, torch.tensor(cu), 3)
 
     x, weight = torch.randn(1, 5, 10), torch.randn(5, 4)
