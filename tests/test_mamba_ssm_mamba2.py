@@ -518,6 +518,11 @@ def test_packed_sequence_bad_inputs_raise_and_change_nothing() -> None:
         with pytest.raises(ValueError, match="cu_seqlens must be a 1-D integer tensor"):
             ssd_combined.mamba_chunk_scan_combined(*args, seq_idx=labels, cu_seqlens=cu, return_varlen_states=True)
     tokens = torch.randn(10, 5)
+    from causal_conv1d import causal_conv1d_varlen as varlen  # routed at its source too
+
+    cu = torch.tensor([0, 2, 10], dtype=torch.int32)  # the first sequence shorter than the state
+    assert torch.equal(varlen.causal_conv1d_varlen_states(tokens, cu, 3),
+                       varlen.causal_conv1d_varlen_states_ref(tokens, cu, 3))
     for cu in ([0, 4, 12], [0, 6, 4], [1, 10]):
         with pytest.raises(ValueError, match=r"cu_seqlens must be .* offsets from 0 to 10, non-decreasing"):
             ssd.conv_varlen_states(tokens, torch.tensor(cu), 3)

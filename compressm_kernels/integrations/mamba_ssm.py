@@ -28,6 +28,7 @@ its own, and so does causal-conv1d's ``causal_conv1d_varlen_states``. ``generate
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -394,9 +395,14 @@ def install() -> dict[str, str]:
               "mamba_chunk_scan_combined": ssd.chunk_scan_combined,
               "mamba_split_conv1d_scan_combined": ssd.split_conv1d_scan_combined,
               "causal_conv1d_varlen_states": ssd.conv_varlen_states}
-    for name in ("ops.triton.selective_state_update", "ops.triton.ssd_combined", "modules.mamba_simple",
-                 "modules.mamba2", "modules.mamba2_simple"):
-        module = importlib.import_module("mamba_ssm." + name)
+    modules = [importlib.import_module("mamba_ssm." + name) for name in (
+        "ops.triton.selective_state_update", "ops.triton.ssd_combined", "modules.mamba_simple", "modules.mamba2",
+        "modules.mamba2_simple")]
+    # causal-conv1d's Triton varlen helper, where mamba2 imported it from (without Triton, neither has it).
+    if importlib.util.find_spec("causal_conv1d") is not None:
+        with contextlib.suppress(ImportError):
+            modules.append(importlib.import_module("causal_conv1d.causal_conv1d_varlen"))
+    for module in modules:
         for fn, on_cpu in routes.items():
             current = getattr(module, fn, None)
             if current is not None and not getattr(current, _MARK, False):
