@@ -1,5 +1,6 @@
-"""One benchmark harness: warm-up, median and 20/80 % quantiles, peak memory, a header with the machine
-and versions, a fixed-width table with ratios to a baseline measured in the same run, JSON rows, PNG plots.
+"""One benchmark harness: warm-up, median and 20/80 % quantiles, peak memory (CUDA) or page faults (CPU), a
+header with the machine and versions, a fixed-width table with ratios to a baseline measured in the same run,
+JSON rows, PNG plots.
 
 Every suite (``python -m bench <suite>``) uses it::
 
@@ -15,6 +16,11 @@ drifts by a quarter over seconds) lands on every row of the group instead of ske
 
     bench.compare("fwd N=16", {"reference fwd N=16": ref, "cpu fwd N=16": ours}, baseline="reference fwd N=16",
                   extras={"cpu fwd N=16": dict(backend="cpu", N=16)})
+
+On a CPU each row also gets the median number of minor page faults per call (``faults``): memory the allocator
+handed back to the OS and takes fresh again. glibc does that with large freed tensors depending on what else
+sits on its heap, so the same call can pay thousands of faults in one process and none in the next (about a
+microsecond each on this VM); the column says when a row's time includes them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+try:
+    import resource  # Unix only: page faults per call
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 _VERSIONED = ("triton", "numpy", "scipy", "mamba_ssm", "transformers")
 
@@ -74,24 +85,32 @@ class Row:
     peak_mem_mb: float | None
     ratio: float | None = None  # baseline time / this time, within the group (>1 means faster)
     extra: dict = field(default_factory=dict)
+    faults: float | None = None  # CPU: median minor page faults per call
 
     def value(self, key: str) -> object:
         """A field or an extra by name (``median_ms``, ``ratio``, ``N``, ``GB/s``, ...)."""
         return getattr(self, key) if key in self.__dataclass_fields__ and key != "extra" else self.extra.get(key)
 
 
-def _timed_call(fn: Callable[[], object], cuda: bool) -> float:
-    """One call of ``fn`` in ms (CUDA: between events on the current stream)."""
+def _minor_faults() -> int | None:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
+
+
+def _timed_call(fn: Callable[[], object], cuda: bool) -> tuple[float, int | None]:
+    """One call of ``fn``: ms (CUDA: between events on the current stream) and, on a CPU, the minor page faults
+    the process took meanwhile."""
     if cuda:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         fn()
         end.record()
         end.synchronize()
-        return begin.elapsed_time(end)
+        return begin.elapsed_time(end), None
+    faults = _minor_faults()
     t0 = time.perf_counter()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    ms = (time.perf_counter() - t0) * 1e3
+    return ms, None if faults is None else _minor_faults() - faults
 
 
 def _peak_mb(fn: Callable[[], object]) -> float:
@@ -105,8 +124,9 @@ def _peak_mb(fn: Callable[[], object]) -> float:
 
 
 def measure(fns: list[Callable[[], object]], device: str, warmup: int = 3,
-            repeats: int = 10) -> list[tuple[list[float], float | None]]:
-    """Per callable: the times of ``repeats`` calls (ms) and the peak memory of one call (MB, CUDA only).
+            repeats: int = 10) -> list[tuple[list[float], float | None, list[int] | None]]:
+    """Per callable: the times of ``repeats`` calls (ms), the peak memory of one call (MB, CUDA only) and the
+    page faults of each timed call (CPU only).
 
     Each callable is warmed up and its memory taken in turn; then the timed calls go round-robin, each round
     starting one callable later, so drift in the machine's speed is shared by all of them.
@@ -118,11 +138,15 @@ def measure(fns: list[Callable[[], object]], device: str, warmup: int = 3,
             fn()
         peaks.append(_peak_mb(fn) if cuda else None)
     times: list[list[float]] = [[] for _ in fns]
+    faults: list[list[int] | None] = [None if cuda or resource is None else [] for _ in fns]
     for r in range(repeats):
         for k in range(len(fns)):
             i = (r + k) % len(fns)
-            times[i].append(_timed_call(fns[i], cuda))
-    return list(zip(times, peaks, strict=True))
+            ms, n = _timed_call(fns[i], cuda)
+            times[i].append(ms)
+            if faults[i] is not None:
+                faults[i].append(n)
+    return list(zip(times, peaks, faults, strict=True))
 
 
 class Bench:
@@ -150,11 +174,12 @@ class Bench:
         measured = measure(list(fns.values()), self.device, self.warmup if warmup is None else warmup,
                            self.repeats if repeats is None else repeats)
         rows = {}
-        for name, (times, peak) in zip(fns, measured, strict=True):
+        for name, (times, peak, faults) in zip(fns, measured, strict=True):
             # "inclusive": quantiles stay within the measured times (the default extrapolates from few samples).
             q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
             rows[name] = Row(name, group, statistics.median(times), q[0], q[3], peak,
-                             extra=dict((extras or {}).get(name, {})))
+                             extra=dict((extras or {}).get(name, {})),
+                             faults=statistics.median(faults) if faults else None)
             print(f"  {name}: {rows[name].median_ms:.3f} ms", file=sys.stderr, flush=True)  # progress of long runs
         if baseline is not None:
             self._baselines[group] = rows[baseline].median_ms
@@ -175,12 +200,18 @@ class Bench:
         """Fixed-width table; ``columns`` picks and orders the extras shown (default: all, sorted)."""
         keys = columns if columns is not None else sorted({k for r in self.rows for k in r.extra})
         width = max([40, *(len(r.name) + 2 for r in self.rows)])
-        head = f"{'name':<{width}}{'median ms':>11}{'q20':>10}{'q80':>10}{'peak MB':>9}{'vs base':>9}"
+        # Peak memory on CUDA, page faults per call on a CPU: one column, named for what the rows carry.
+        cpu = any(r.faults is not None for r in self.rows)
+        head = f"{'name':<{width}}{'median ms':>11}{'q20':>10}{'q80':>10}{'faults' if cpu else 'peak MB':>9}"
+        head += f"{'vs base':>9}"
         head += "".join(f"{k:>11}" for k in keys)
         lines = [head, "-" * len(head)]
         for r in self.rows:
             line = f"{r.name:<{width}}{r.median_ms:>11.3f}{r.q20_ms:>10.3f}{r.q80_ms:>10.3f}"
-            line += f"{r.peak_mem_mb:>9.1f}" if r.peak_mem_mb is not None else f"{'-':>9}"
+            if cpu:
+                line += f"{r.faults:>9.0f}" if r.faults is not None else f"{'-':>9}"
+            else:
+                line += f"{r.peak_mem_mb:>9.1f}" if r.peak_mem_mb is not None else f"{'-':>9}"
             line += f"{r.ratio:>8.2f}x" if r.ratio is not None else f"{'-':>9}"
             for k in keys:
                 v = r.extra.get(k, "")

@@ -51,6 +51,9 @@ def test_suite_writes_rows_and_plot(suite: str, tmp_path: Path, capsys: pytest.C
     report = json.loads((tmp_path / f"{results}_cpu.json").read_text())
     rows = report["rows"]
     assert rows and all(r["q20_ms"] <= r["median_ms"] <= r["q80_ms"] for r in rows)
+    if sys.platform != "win32":  # CPU rows count the page faults of each timed call
+        assert all(isinstance(r["faults"], (int, float)) and r["faults"] >= 0 for r in rows)
+        assert " faults " in out
     baselines = [r for r in rows if r["ratio"] == pytest.approx(1.0)]
     assert baselines, "every suite measures its baseline in the same run"
     assert (tmp_path / f"{results}_cpu.png").stat().st_size > 0
