@@ -464,24 +464,23 @@ Rows variable_rows(const Operand& x, bool variable, int groups, int width, const
   return rows;
 }
 
-// Per-thread working memory, sized once per thread.
+// Per-thread working memory, sized once per thread. The (chunk, NP) rows are 64 KB each at N = 64, zeroed at
+// every call: only what the pass uses is allocated (the gathers only with a per-channel mask).
 struct Scratch {
   std::vector<float> A, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;       // (NP,)
   std::vector<float> delta, delta_grad, delta_u, decay, y, dy, ddelta, du, dz;  // (chunk,)
   std::vector<float> raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
   std::vector<float> hist, hist_decay, B_gather, C_gather, dB_gather, dC_gather;  // (chunk, NP)
 
-  Scratch(int N, int chunk, bool backward)
+  Scratch(int N, int chunk, bool backward, bool gather)
       : A(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)), B_inv(round8(N)),
         C_inv(round8(N)), dB_inv(round8(N)), dC_inv(round8(N)), delta(chunk), delta_grad(chunk), delta_u(chunk),
         decay(chunk), y(chunk), dy(chunk), ddelta(chunk), du(chunk), dz(chunk), raw(chunk), u(chunk), z(chunk),
-        dout(chunk), B_gather(static_cast<size_t>(chunk) * round8(N)), C_gather(static_cast<size_t>(chunk) * round8(N)) {
-    if (backward) {
-      hist.resize(static_cast<size_t>(chunk) * round8(N));
-      hist_decay.resize(static_cast<size_t>(chunk) * round8(N));
-      dB_gather.resize(static_cast<size_t>(chunk) * round8(N));
-      dC_gather.resize(static_cast<size_t>(chunk) * round8(N));
-    }
+        dout(chunk) {
+    const size_t rows = static_cast<size_t>(chunk) * round8(N);
+    if (backward) hist.resize(rows), hist_decay.resize(rows);
+    if (gather) B_gather.resize(rows), C_gather.resize(rows);
+    if (gather && backward) dB_gather.resize(rows), dC_gather.resize(rows);
   }
 };
 
@@ -1038,7 +1037,7 @@ struct PackScratch {
   std::vector<float> zeros, discard;                 // (chunk,): rows of the channels past D
 
   PackScratch(int N, int chunk, int w, bool backward)
-      : channels(8 / w, Scratch(N, chunk, backward)), delta(8 * chunk), delta_u(8 * chunk), u(8 * chunk),
+      : channels(8 / w, Scratch(N, chunk, backward, false)), delta(8 * chunk), delta_u(8 * chunk), u(8 * chunk),
         dy(8 * chunk), hist(8 * chunk), hist_decay(8 * chunk), zeros(chunk), discard(chunk) {}
 };
 
@@ -1250,7 +1249,7 @@ void scan_fwd(const ScanParams& p) {
         pack_forward(p, B, C, b, static_cast<int>(task % tasks_per_batch) * per_task, w, ps);
       }
     } else {
-      Scratch s(p.dstate, p.chunk, false);
+      Scratch s(p.dstate, p.chunk, false, p.kept != nullptr);
 #pragma omp for schedule(static)
       for (int64_t bd = 0; bd < tasks; ++bd) {
         channel_forward(p, B, C, static_cast<int>(bd / p.dim), static_cast<int>(bd % p.dim), s);
@@ -1283,7 +1282,7 @@ void scan_bwd(const ScanParams& p) {
     if (w) {
       ps.emplace(N, p.chunk, w, true);
     } else {
-      s.emplace(N, p.chunk, true);
+      s.emplace(N, p.chunk, true, p.kept != nullptr);
     }
     const int per_task = w ? 8 / w : 1, tasks = (p.dim + per_task - 1) / per_task;
     std::vector<float> tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
