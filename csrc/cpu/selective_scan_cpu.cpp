@@ -29,7 +29,8 @@ COMPRESSM_ALWAYS_INLINE constexpr int round8(int n) { return (n + 7) & ~7; }
 
 // T steps of r states (padded to rp). Row t of B/C is at B + t·ldb (ldb = 0: time-invariant); h (rp,) is
 // updated in place; y[t] = Σ_k C_t[k] h_t[k]; hist (T, rp), when given, receives every h_t, and hist_decay (T, rp)
-// every ā_t (the states' own A: the backward's reverse pass reads them instead of taking each exp again).
+// every ā_t (the states' own A: the backward's reverse pass reads them instead of taking each exp again). With
+// hist, y may be nullptr: the backward's recomputation needs Σ C h only for the z gate's gradient.
 struct ForwardArgs {
   int r, T;
   const float* A;
@@ -65,9 +66,9 @@ COMPRESSM_ALWAYS_INLINE void sum_steps(v8f* lanes, int T, float* y) {
 
 // States [k0, k0 + 8·kV) of rp over steps [t0, t1), the state and A in registers (through memory, each step's
 // update would wait for the previous step's store to be forwarded, the critical path at small N); lanes[t] += the
-// block's C_t·h_t folded to eight lanes (kFirst: lanes[t] = it). kShared: ā_t from a.decay, one per step, instead
-// of an exp per state.
-template <bool kHist, int kV, bool kShared, bool kFirst>
+// block's C_t·h_t folded to eight lanes (kFirst: lanes[t] = it; !kY: no lanes, C unread). kShared: ā_t from
+// a.decay, one per step, instead of an exp per state.
+template <bool kHist, int kV, bool kShared, bool kFirst, bool kY>
 COMPRESSM_ALWAYS_INLINE void forward_block(const ForwardArgs& a, int k0, int rp, int t0, int t1, v8f* lanes) {
   v8f h[kV], A[kV];
   for (int j = 0; j < kV; ++j) h[j] = load8(a.h + k0 + 8 * j), A[j] = load8(a.A + k0 + 8 * j);
@@ -75,7 +76,7 @@ COMPRESSM_ALWAYS_INLINE void forward_block(const ForwardArgs& a, int k0, int rp,
     const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
     const float* B = a.B + t * a.ldb + k0;
     const float* C = a.C + t * a.ldc + k0;
-    v8f acc = kFirst ? v8f{} : lanes[t];
+    v8f acc = kFirst || !kY ? v8f{} : lanes[t];
     for (int j = 0; j < kV; ++j) {
       const v8f a_t = kShared ? broadcast8(a.decay[t]) : decay(delta, A[j]);
       h[j] = forward_step_decayed(h[j], a_t, delta_u, load8(B + 8 * j));
@@ -84,26 +85,26 @@ COMPRESSM_ALWAYS_INLINE void forward_block(const ForwardArgs& a, int k0, int rp,
         store8(a.hist + at, h[j]);
         if (!kShared) store8(a.hist_decay + at, a_t);
       }
-      acc += load8(C + 8 * j) * h[j];
+      if constexpr (kY) acc += load8(C + 8 * j) * h[j];
     }
-    lanes[t] = acc;
+    if constexpr (kY) lanes[t] = acc;
   }
   for (int j = 0; j < kV; ++j) store8(a.h + k0 + 8 * j, h[j]);
 }
 
 // forward_block for states [k0, k1), at most 8 vectors.
-template <bool kHist, bool kShared, bool kFirst>
+template <bool kHist, bool kShared, bool kFirst, bool kY>
 COMPRESSM_ALWAYS_INLINE void forward_block_sized(const ForwardArgs& a, int k0, int k1, int rp, int t0, int t1,
                                                  v8f* lanes) {
   switch ((k1 - k0) / 8) {
-    case 1: forward_block<kHist, 1, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
-    case 2: forward_block<kHist, 2, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
-    case 3: forward_block<kHist, 3, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
-    case 4: forward_block<kHist, 4, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
-    case 5: forward_block<kHist, 5, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
-    case 6: forward_block<kHist, 6, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
-    case 7: forward_block<kHist, 7, kShared, kFirst>(a, k0, rp, t0, t1, lanes); break;
-    default: forward_block<kHist, 8, kShared, kFirst>(a, k0, rp, t0, t1, lanes);
+    case 1: forward_block<kHist, 1, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
+    case 2: forward_block<kHist, 2, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
+    case 3: forward_block<kHist, 3, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
+    case 4: forward_block<kHist, 4, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
+    case 5: forward_block<kHist, 5, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
+    case 6: forward_block<kHist, 6, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
+    case 7: forward_block<kHist, 7, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
+    default: forward_block<kHist, 8, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes);
   }
 }
 
@@ -113,7 +114,7 @@ constexpr int kBlockSteps = 64;
 
 // More than 64 states, each with its own exp: all of them each step, through memory (blocks of 64 in registers
 // ran 2-4 % slower at N = 128, 11-15 % at 192-256: per step, the exps of every state are independent work).
-template <bool kHist>
+template <bool kHist, bool kY>
 COMPRESSM_ALWAYS_INLINE void forward_through_memory(const ForwardArgs& a, int rp, v8f* lanes) {
   for (int t = 0; t < a.T; ++t) {
     const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
@@ -128,39 +129,43 @@ COMPRESSM_ALWAYS_INLINE void forward_through_memory(const ForwardArgs& a, int rp
         store8(a.hist + static_cast<int64_t>(t) * rp + k, hk);
         store8(a.hist_decay + static_cast<int64_t>(t) * rp + k, a_t);
       }
-      acc += load8(C + k) * hk;
+      if constexpr (kY) acc += load8(C + k) * hk;
     }
-    lanes[t] = acc;
+    if constexpr (kY) lanes[t] = acc;
   }
 }
 
 // The states in register blocks of up to 8 vectors (64 states), one after another over each kBlockSteps steps
 // (with a shared A, N = 128 runs 1.3x faster than with its states through memory); more than 64 states with their
 // own A through memory.
-template <bool kHist, bool kShared>
+template <bool kHist, bool kShared, bool kY>
 COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
   v8f lanes[kMaxChunk + 8];  // per step, C_t·h_t folded to eight lanes
   const int rp = round8(a.r);
   if (rp == 0) {  // a channel whose mask keeps no state
     std::fill_n(lanes, a.T, v8f{});
   } else if (!kShared && rp > 64) {
-    forward_through_memory<kHist>(a, rp, lanes);
+    forward_through_memory<kHist, kY>(a, rp, lanes);
   } else {
     for (int t0 = 0; t0 < a.T; t0 += kBlockSteps) {
       const int t1 = std::min(a.T, t0 + kBlockSteps);
-      forward_block_sized<kHist, kShared, true>(a, 0, std::min(rp, 64), rp, t0, t1, lanes);
+      forward_block_sized<kHist, kShared, true, kY>(a, 0, std::min(rp, 64), rp, t0, t1, lanes);
       for (int k0 = 64; k0 < rp; k0 += 64) {
-        forward_block_sized<kHist, kShared, false>(a, k0, std::min(rp, k0 + 64), rp, t0, t1, lanes);
+        forward_block_sized<kHist, kShared, false, kY>(a, k0, std::min(rp, k0 + 64), rp, t0, t1, lanes);
       }
     }
   }
-  sum_steps(lanes, a.T, a.y);
+  if constexpr (kY) sum_steps(lanes, a.T, a.y);
 }
 COMPRESSM_ALWAYS_INLINE void forward_core_impl(const ForwardArgs& a) {
-  a.decay ? forward_core<false, true>(a) : forward_core<false, false>(a);
+  a.decay ? forward_core<false, true, true>(a) : forward_core<false, false, true>(a);
 }
 COMPRESSM_ALWAYS_INLINE void forward_core_hist_impl(const ForwardArgs& a) {
-  a.decay ? forward_core<true, true>(a) : forward_core<true, false>(a);
+  if (a.y) {
+    a.decay ? forward_core<true, true, true>(a) : forward_core<true, false, true>(a);
+  } else {
+    a.decay ? forward_core<true, true, false>(a) : forward_core<true, false, false>(a);
+  }
 }
 COMPRESSM_DISPATCH(forward_core, ForwardArgs)
 COMPRESSM_DISPATCH(forward_core_hist, ForwardArgs)
@@ -672,7 +677,7 @@ void gate_forward(const ScanParams& p, const Channel& ch, int t0, int T, const f
 }
 
 // Back through the z gate and D skip: writes dz, adds to *dD, and returns dy, the gradient of Σ_n C h (y: Σ C h
-// recomputed).
+// recomputed, read only with a gate).
 const float* gate_backward(const ScanParams& p, const Channel& ch, int t0, int T, const float* u, float* y,
                            Scratch& s, float* dD) {
   const float* dout = steps_in(p.dout, ch.b * p.dout.stride0 + ch.d * p.dout.stride1 + t0, T, s.dout);
@@ -743,9 +748,10 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     const float* saved = p.carries + (bd * n_chunks + c - 1) * N;
     for (int k = 0; k < r; ++k) s.h_in[k] = c > 0 ? saved[ch.state(k)] : 0.0f;
     std::copy_n(s.h_in.begin(), rp, s.h.begin());
+    // Σ C h (y) only for the z gate's gradient.
     forward_core_hist({r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
-                       rows.ldc, s.y.data(), s.hist.data(), ch.shared_A ? s.decay.data() : nullptr,
-                       s.hist_decay.data()});
+                       rows.ldc, p.z.data ? s.y.data() : nullptr, s.hist.data(),
+                       ch.shared_A ? s.decay.data() : nullptr, s.hist_decay.data()});
 
     const float* dy = gate_backward(p, ch, t0, T, u, s.y.data(), s, &dD);
 
