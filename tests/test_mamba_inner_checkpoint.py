@@ -1,4 +1,4 @@
-"""``mamba_inner_fn(checkpoint_lvl=1)``: backward recomputes conv1d → x_proj → dt_proj → out_proj's input but
+"""``mamba_inner_fn(checkpoint_lvl=1)``: backward recomputes conv1d → x_proj → dt_proj but
 never re-runs the scan's forward kernel, keeps none of the activations it recomputes, and gives exactly
 ``checkpoint_lvl=0``'s output and gradients; both equal a plain composition of the definition."""
 
@@ -221,8 +221,9 @@ class _RecordStorages(TorchDispatchMode):
 def test_only_the_scan_outputs_outlive_the_forward(lvl: int) -> None:
     """Between forward and backward the storages made in forward that are still alive (kept by autograd or
     by the checkpoint) are, at checkpoint_lvl=1, exactly the scan kernel's outputs: the gated output
-    ``(Bt, D, L)`` and the fp32 chunk carries. The conv output, delta, x_proj's output and out_proj's input
-    copy are all freed. At checkpoint_lvl=0 they are kept (which shows that the probe sees them)."""
+    ``(Bt, D, L)`` and the fp32 chunk carries. The conv output, delta and x_proj's output are all freed. At
+    checkpoint_lvl=0 they are kept (which shows that the probe sees them); out_proj reads the scan output in place,
+    so it keeps no copy of its own either way."""
     args = make_args()
     inputs = {id(t.untyped_storage()) for t in args.values() if t is not None}
     record = _RecordStorages()
@@ -235,9 +236,9 @@ def test_only_the_scan_outputs_outlive_the_forward(lvl: int) -> None:
     if lvl == 1:
         assert len(scan_outputs) == 2
         assert set(kept) == scan_outputs, sorted(s.nbytes() for s in kept.values())
-    else:  # u, delta, x_proj's output, out_proj's input and more
+    else:  # u, delta and more
         activation = BATCH * DIM * SEQLEN * 4
-        assert sum(s.nbytes() >= activation for k, s in kept.items() if k not in scan_outputs) >= 4
+        assert sum(s.nbytes() >= activation for k, s in kept.items() if k not in scan_outputs) >= 3
     out.sum().backward()  # the graph is intact: backward still runs
     assert args["xz"].grad is not None
 

@@ -1,0 +1,99 @@
+"""The layout helpers of ``mamba_inner_fn``: out_proj applied to the scan's ``(Bt, D, L)`` output in place, and
+xz split along its memory order. Each must equal the plain composition (``F.linear`` on the transposed output,
+``xz.chunk``) in values and float64 gradients, and must not make the copies it exists to avoid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from compressm_kernels.ops.mamba_inner import _out_proj, _split_channels
+
+F64 = torch.float64
+
+
+class _CountCopies(TorchDispatchMode):
+    """Counts the ops that copy a tensor's elements into a new layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten.clone, torch.ops.aten._to_copy):
+            self.copies += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _leaf(*shape: int, dtype: torch.dtype = F64, seed: int = 0) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).requires_grad_(True)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_out_proj_equals_linear_on_the_transposed_output(batch: int, bias: bool) -> None:
+    y, weight = _leaf(batch, 6, 11), _leaf(5, 6, seed=1)
+    b = _leaf(5, seed=2) if bias else None
+    out = _out_proj(y, weight, b)
+    torch.testing.assert_close(out, F.linear(y.transpose(1, 2), weight, b))
+    inputs = (y, weight) + ((b,) if bias else ())
+    assert torch.autograd.gradcheck(lambda *t: _out_proj(*t) if bias else _out_proj(*t, None), inputs)
+
+
+def test_out_proj_gives_dy_in_the_scans_layout_without_copies() -> None:
+    """dy comes back as contiguous ``(Bt, D, L)`` rows (what the scan's backward reads) and neither pass copies;
+    F.linear on the transposed output copies in both (which shows the probe sees copies)."""
+    y, weight, b = _leaf(2, 6, 11, dtype=torch.float32), _leaf(5, 6, dtype=torch.float32), _leaf(5, dtype=torch.float32)
+    cotangent = torch.randn(2, 11, 5)
+    for fn, expect_copies in ((_out_proj, False), (lambda y, w, b: F.linear(y.transpose(1, 2), w, b), True)):
+        with _CountCopies() as probe:
+            out = fn(y, weight, b)
+            dy = torch.autograd.grad(out, (y, weight, b), cotangent)[0]
+        assert (probe.copies > 0) == expect_copies
+        if not expect_copies:
+            assert dy.shape == y.shape and dy.is_contiguous()
+
+
+def test_out_proj_under_autocast_is_linears() -> None:
+    y, weight, b = _leaf(2, 6, 11, dtype=torch.float32), _leaf(5, 6, dtype=torch.float32), _leaf(5, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _out_proj(y, weight, b)
+        expected = F.linear(y.transpose(1, 2), weight, b)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
+def _channels_first_xz(batch: int, dim: int, seqlen: int) -> tuple[Tensor, Tensor]:
+    """A leaf ``(2·dim, Bt·L)`` GEMM output and xz, its ``(Bt, 2·dim, L)`` view (as Mamba's in_proj makes it)."""
+    flat = _leaf(2 * dim, batch * seqlen)
+    return flat, flat.view(2 * dim, batch, seqlen).permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("layout", ["channels-first", "contiguous"])
+def test_split_equals_chunk(layout: str) -> None:
+    if layout == "channels-first":
+        leaf, xz = _channels_first_xz(3, 4, 7)
+    else:
+        leaf = xz = _leaf(3, 8, 7)
+    x, z = _split_channels(xz)
+    x_ref, z_ref = xz.chunk(2, dim=1)
+    assert torch.equal(x, x_ref) and torch.equal(z, z_ref)
+    weights = torch.randn(2, 3, 4, 7, dtype=F64)
+    grad = torch.autograd.grad((x * weights[0]).sum() + (z * weights[1]).sum(), leaf)[0]
+    grad_ref = torch.autograd.grad((x_ref * weights[0]).sum() + (z_ref * weights[1]).sum(), leaf)[0]
+    assert torch.equal(grad, grad_ref)
+
+
+def test_split_hands_the_gemm_its_gradient_without_a_copy() -> None:
+    """Through the split, dx and dz reach the ``(2·D, Bt·L)`` GEMM output as one block, written by their
+    concatenation alone; through ``xz.chunk`` the concatenated gradient is copied once more into that layout."""
+    for split, copies in ((_split_channels, False), (lambda xz: xz.chunk(2, dim=1), True)):
+        leaf, xz = _channels_first_xz(2, 4, 7)
+        x, z = split(xz)
+        with _CountCopies() as probe:
+            (grad,) = torch.autograd.grad((x, z), leaf, (torch.ones_like(x), 2 * torch.ones_like(z)))
+        assert (probe.copies > 0) == copies
+        assert torch.equal(grad, torch.cat([torch.ones(4, 14, dtype=F64), 2 * torch.ones(4, 14, dtype=F64)]))
