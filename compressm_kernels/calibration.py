@@ -32,6 +32,25 @@ def mixer_kind(module: nn.Module) -> str | None:
         root, "mamba")
 
 
+def _is_mamba2_mixer(module: nn.Module) -> bool:
+    """mamba_ssm's ``Mamba2`` and transformers' ``Mamba2Mixer``: one A per head (a 1-D A_log), no x_proj."""
+    A_log = getattr(module, "A_log", None)
+    return (isinstance(A_log, torch.Tensor) and A_log.dim() == 1 and hasattr(module, "in_proj")
+            and hasattr(module, "conv1d") and not hasattr(module, "x_proj"))
+
+
+def no_mixer_error(model: nn.Module) -> ValueError:
+    """The error for a model without a Mamba-1 mixer, naming its Mamba-2 mixers if it has any."""
+    message = "model contains no Mamba-1 mixer (modules with in_proj, conv1d, x_proj, dt_proj, A_log)"
+    mamba2 = [name or "the model" for name, module in unwrap(model).named_modules() if _is_mamba2_mixer(module)]
+    if mamba2:
+        shown = ", ".join(mamba2[:3]) + (f" and {len(mamba2) - 3} more" if len(mamba2) > 3 else "")
+        message += (f"; it has Mamba-2 mixers ({shown}), which compression does not support: their heads share "
+                    "one A and every head of a group reads the same B and C states, so the Hankel ranking and the "
+                    "surgery here (per-channel A, x_proj rows) do not apply")
+    return ValueError(message)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers (only those: any model
     may have a submodule called ``module``)."""
@@ -163,7 +182,7 @@ def calibrate(model: nn.Module, calib: Iterable[Any], *, scale: Scale = "input",
     """
     mixers = find_mixers(model) if mixers is None else mixers
     if not mixers:
-        raise ValueError("model contains no Mamba-1 mixer (modules with in_proj, conv1d, x_proj, dt_proj, A_log)")
+        raise no_mixer_error(model)
     forward = forward or default_forward
     accumulators = {name: HankelAccumulator(scale) for name in mixers}
     modes = {module: module.training for module in model.modules()}  # model.train() would set them all alike

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import calibrate, capture, find_mixers
+from .calibration import calibrate, capture, find_mixers, no_mixer_error
 from .hankel import HankelAccumulator, Scale
 from .plan import Mode, check_selection, ranking_agreement
 from .surgery import CompressionReport, apply_plan, plan_compression
@@ -72,6 +72,8 @@ class CompreSSM:
             raise ValueError(f"attempt fractions must lie in (0, 1], got {fractions}")
         if calib_steps < 1:
             raise ValueError(f"calib_steps must be >= 1, got {calib_steps}")
+        if not find_mixers(model):  # else every attempt would be logged as skipped, silently
+            raise no_mixer_error(model)
         self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
         self.select = dict(tau=tau, rank=rank, fraction=fraction, mode=mode, min_rank=min_rank, gate=gate,
                            scale=scale)

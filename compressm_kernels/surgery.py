@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .calibration import calibrate, find_mixers, mixer_kind, state_mask_of, unwrap
+from .calibration import calibrate, find_mixers, mixer_kind, no_mixer_error, state_mask_of, unwrap
 from .hankel import HankelAccumulator, Scale
 from .modules.mamba import validated_keep
 from .modules.parameters import reseat_parameter
@@ -64,7 +64,7 @@ def plan_compression(model: nn.Module, calib: Iterable[Any] | Mapping[str, Hanke
         raise ValueError(f"mode must be 'shared' or 'channel', got {mode!r}")
     mixers = find_mixers(model)
     if not mixers:
-        raise ValueError("model contains no Mamba-1 mixer (modules with in_proj, conv1d, x_proj, dt_proj, A_log)")
+        raise no_mixer_error(model)
     for name, mixer in mixers.items():
         n = mixer.A_log.shape[1]
         if rank is not None and rank > n:

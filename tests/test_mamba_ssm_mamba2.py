@@ -227,6 +227,26 @@ def test_stock_mamba2_lm_forward_backward_generate() -> None:
     assert_close(torch.stack(out.scores, 1), full[:, 6:11], F32, "generate scores")
 
 
+def test_compression_refuses_mamba2_mixers_by_name() -> None:
+    """plan_compression, compress_model and CompreSSM on a Mamba-2 model say which mixers they found and why they
+    cannot cut them (instead of 'no mixer', or a CompreSSM whose every attempt is logged as skipped); nothing
+    changes."""
+    from compressm_kernels import CompreSSM, compress_model, plan_compression
+
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=40,
+                      ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 8, "chunk_size": 16})
+    model = MambaLMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = [torch.randint(0, 40, (1, 8))]
+    found = r"Mamba-2 mixers \(backbone\.layers\.0\.mixer, backbone\.layers\.1\.mixer\), which compression"
+    for call in (lambda: plan_compression(model, calib, tau=0.1), lambda: compress_model(model, calib, rank=4),
+                 lambda: CompreSSM(model, opt, total_steps=10)):
+        with pytest.raises(ValueError, match=found):
+            call()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_unsupported_mamba2_arguments_raise_with_reason() -> None:
     t = {k: (v.detach() if v is not None else None) for k, v in scan_inputs().items()}
     args = (t["x"], t["dt"], t["A"], t["B"], t["C"], 16)

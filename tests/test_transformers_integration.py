@@ -182,3 +182,11 @@ def test_install_refuses_old_modelling_code_and_changes_nothing(monkeypatch: pyt
     with pytest.raises(ImportError, match="has no mamba_selective_state_update"):
         bridge.install()
     assert all(getattr(modeling_mamba, name) is before[name] for name in before)
+
+
+def test_compression_refuses_transformers_mamba2_mixers_by_name() -> None:
+    from compressm_kernels import plan_compression
+
+    model = _model("mamba2")
+    with pytest.raises(ValueError, match=r"Mamba-2 mixers \(backbone\.layers\.0\.mixer, backbone\.layers\.1\.mixer\)"):
+        plan_compression(model, [_ids(1, 8)], tau=0.1)
