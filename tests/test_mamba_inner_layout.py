@@ -97,3 +97,17 @@ def test_split_hands_the_gemm_its_gradient_without_a_copy() -> None:
             (grad,) = torch.autograd.grad((x, z), leaf, (torch.ones_like(x), 2 * torch.ones_like(z)))
         assert (probe.copies > 0) == copies
         assert torch.equal(grad, torch.cat([torch.ones(4, 14, dtype=F64), 2 * torch.ones(4, 14, dtype=F64)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_out_proj_in_half_precision_is_linears(dtype: torch.dtype) -> None:
+    """In bf16/fp16 the weight gradient must be rounded once, as F.linear's single GEMM does, not once per batch
+    row: those dtypes take F.linear itself (bit for bit)."""
+    y, weight = _leaf(4, 6, 11, dtype=dtype), _leaf(5, 6, dtype=dtype, seed=1)
+    cotangent = torch.randn(4, 11, 5, dtype=dtype)
+    out = _out_proj(y, weight, None)
+    expected = F.linear(y.transpose(1, 2), weight)
+    assert torch.equal(out, expected)
+    for got, want in zip(torch.autograd.grad(out, (y, weight), cotangent),
+                         torch.autograd.grad(expected, (y, weight), cotangent), strict=True):
+        assert torch.equal(got, want)

@@ -114,11 +114,13 @@ class _ChannelsFirstLinear(torch.autograd.Function):
 
 
 def _out_proj(y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(y.transpose(1, 2), weight, bias)`` for y ``(Bt, D, L)``: on a CPU without autocast through the
-    Function above (the two copies were 7 % of the CPU bench block's training step). F.linear itself under
-    autocast, which picks its dtypes, and on a GPU, where a copy is cheap next to the GEMMs and F.linear takes
-    the weight's gradient in one GEMM rather than one per batch row."""
-    if y.device.type != "cpu" or torch.is_autocast_enabled("cpu") or y.dtype != weight.dtype:
+    """``F.linear(y.transpose(1, 2), weight, bias)`` for y ``(Bt, D, L)``: for fp32/fp64 on a CPU without autocast
+    through the Function above (the two copies were 7 % of the CPU bench block's training step). F.linear itself
+    under autocast, which picks its dtypes; in bf16/fp16, whose weight gradient would be rounded once per batch row
+    instead of once; and on a GPU, where a copy is cheap next to the GEMMs and F.linear takes the weight's gradient
+    in one GEMM."""
+    if (y.device.type != "cpu" or torch.is_autocast_enabled("cpu") or y.dtype != weight.dtype
+            or y.dtype not in (torch.float32, torch.float64)):
         return F.linear(y.transpose(1, 2), weight, bias)
     return _ChannelsFirstLinear.apply(y, weight, bias)
 
