@@ -94,8 +94,10 @@ class _ChannelsFirstLinear(torch.autograd.Function):
     def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(y, weight)
         ctx.has_bias = bias is not None
-        out = torch.bmm(y.transpose(1, 2), weight.t().expand(y.shape[0], -1, -1))
-        return out if bias is None else out.add_(bias)
+        weight_t = weight.t().expand(y.shape[0], -1, -1)
+        if bias is None:
+            return torch.bmm(y.transpose(1, 2), weight_t)
+        return torch.baddbmm(bias, y.transpose(1, 2), weight_t)
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
@@ -119,8 +121,8 @@ def _out_proj(y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     under autocast, which picks its dtypes; in bf16/fp16, whose weight gradient would be rounded once per batch row
     instead of once; and on a GPU, where a copy is cheap next to the GEMMs and F.linear takes the weight's gradient
     in one GEMM."""
-    if (y.device.type != "cpu" or torch.is_autocast_enabled("cpu") or y.dtype != weight.dtype
-            or y.dtype not in (torch.float32, torch.float64)):
+    if (y.device.type != "cpu" or torch.is_autocast_enabled("cpu") or y.dtype not in (torch.float32, torch.float64)
+            or weight.dtype != y.dtype or (bias is not None and bias.dtype != y.dtype)):
         return F.linear(y.transpose(1, 2), weight, bias)
     return _ChannelsFirstLinear.apply(y, weight, bias)
 
