@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from compressm_kernels.ops.mamba_inner import _out_proj, _split_channels
+from compressm_kernels.ops.mamba_inner import project_to_tokens, split_channels
 
 F64 = torch.float64
 
@@ -37,10 +37,10 @@ def _leaf(*shape: int, dtype: torch.dtype = F64, seed: int = 0) -> Tensor:
 def test_out_proj_equals_linear_on_the_transposed_output(batch: int, bias: bool) -> None:
     y, weight = _leaf(batch, 6, 11), _leaf(5, 6, seed=1)
     b = _leaf(5, seed=2) if bias else None
-    out = _out_proj(y, weight, b)
+    out = project_to_tokens(y, weight, b)
     torch.testing.assert_close(out, F.linear(y.transpose(1, 2), weight, b))
     inputs = (y, weight) + ((b,) if bias else ())
-    assert torch.autograd.gradcheck(lambda *t: _out_proj(*t) if bias else _out_proj(*t, None), inputs)
+    assert torch.autograd.gradcheck(lambda *t: project_to_tokens(*t) if bias else project_to_tokens(*t, None), inputs)
 
 
 def test_out_proj_gives_dy_in_the_scans_layout_without_copies() -> None:
@@ -48,7 +48,7 @@ def test_out_proj_gives_dy_in_the_scans_layout_without_copies() -> None:
     F.linear on the transposed output copies in both (which shows the probe sees copies)."""
     y, weight, b = _leaf(2, 6, 11, dtype=torch.float32), _leaf(5, 6, dtype=torch.float32), _leaf(5, dtype=torch.float32)
     cotangent = torch.randn(2, 11, 5)
-    for fn, expect_copies in ((_out_proj, False), (lambda y, w, b: F.linear(y.transpose(1, 2), w, b), True)):
+    for fn, expect_copies in ((project_to_tokens, False), (lambda y, w, b: F.linear(y.transpose(1, 2), w, b), True)):
         with _CountCopies() as probe:
             out = fn(y, weight, b)
             dy = torch.autograd.grad(out, (y, weight, b), cotangent)[0]
@@ -60,7 +60,7 @@ def test_out_proj_gives_dy_in_the_scans_layout_without_copies() -> None:
 def test_out_proj_under_autocast_is_linears() -> None:
     y, weight, b = _leaf(2, 6, 11, dtype=torch.float32), _leaf(5, 6, dtype=torch.float32), _leaf(5, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _out_proj(y, weight, b)
+        out = project_to_tokens(y, weight, b)
         expected = F.linear(y.transpose(1, 2), weight, b)
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected)
@@ -78,7 +78,7 @@ def test_split_equals_chunk(layout: str) -> None:
         leaf, xz = _channels_first_xz(3, 4, 7)
     else:
         leaf = xz = _leaf(3, 8, 7)
-    x, z = _split_channels(xz)
+    x, z = split_channels(xz)
     x_ref, z_ref = xz.chunk(2, dim=1)
     assert torch.equal(x, x_ref) and torch.equal(z, z_ref)
     weights = torch.randn(2, 3, 4, 7, dtype=F64)
@@ -90,7 +90,7 @@ def test_split_equals_chunk(layout: str) -> None:
 def test_split_hands_the_gemm_its_gradient_without_a_copy() -> None:
     """Through the split, dx and dz reach the ``(2·D, Bt·L)`` GEMM output as one block, written by their
     concatenation alone; through ``xz.chunk`` the concatenated gradient is copied once more into that layout."""
-    for split, copies in ((_split_channels, False), (lambda xz: xz.chunk(2, dim=1), True)):
+    for split, copies in ((split_channels, False), (lambda xz: xz.chunk(2, dim=1), True)):
         leaf, xz = _channels_first_xz(2, 4, 7)
         x, z = split(xz)
         with _CountCopies() as probe:
@@ -105,7 +105,7 @@ def test_out_proj_in_half_precision_is_linears(dtype: torch.dtype) -> None:
     row: those dtypes take F.linear itself (bit for bit)."""
     y, weight = _leaf(4, 6, 11, dtype=dtype), _leaf(5, 6, dtype=dtype, seed=1)
     cotangent = torch.randn(4, 11, 5, dtype=dtype)
-    out = _out_proj(y, weight, None)
+    out = project_to_tokens(y, weight, None)
     expected = F.linear(y.transpose(1, 2), weight)
     assert torch.equal(out, expected)
     for got, want in zip(torch.autograd.grad(out, (y, weight), cotangent),

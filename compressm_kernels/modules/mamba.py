@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.conv1d import causal_conv1d, causal_conv1d_update
-from ..ops.mamba_inner import mamba_inner_fn
+from ..ops.mamba_inner import mamba_inner_fn, project_channels, project_to_tokens, split_channels
 from ..ops.selective_scan import selective_scan_fn
 from ..ops.state_update import selective_state_update
 from .parameters import reseat_parameter
@@ -259,22 +259,23 @@ class Mamba(nn.Module):
                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True, state_mask=self.state_mask,
                 checkpoint_lvl=self.checkpoint_lvl if self.checkpoint_lvl is not None else int(xz.is_cuda),
             )
-        x, z = xz.chunk(2, dim=1)
+        # The unfused path (a prefill into a cache, or use_fast_path=False), in the fused path's (Bt, channels, L)
+        # layout, so no activation is copied to another one.
+        x, z = split_channels(xz)
         if conv_state is not None:
             conv_state.copy_(F.pad(x, (self.d_conv - seqlen, 0)))  # the last d_conv inputs (zero-padded)
         x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (Bt, L, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (Bt, D, L); bias goes to the scan
+        x_dbl = project_channels(self.x_proj.weight, x)  # (Bt, dt_rank + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = project_channels(self.dt_proj.weight, dt)  # (Bt, D, L); the bias goes to the scan
         y = selective_scan_fn(
-            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=ssm_state is not None,
-            state_mask=self.state_mask,
+            x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_last_state=ssm_state is not None, state_mask=self.state_mask,
         )
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))
+        return project_to_tokens(y, self.out_proj.weight, self.out_proj.bias)
 
     def _in_proj_channels_first(self, hidden_states: Tensor) -> Tensor:
         """in_proj as ``(Bt, 2D, L)`` with unit stride along L, the conv's and the scan's layout: one GEMM into

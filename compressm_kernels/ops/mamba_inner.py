@@ -59,7 +59,7 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float, dim: int) -> Tensor:
     return out.to(x.dtype)
 
 
-def _project(weight: Tensor, t: Tensor) -> Tensor:
+def project_channels(weight: Tensor, t: Tensor) -> Tensor:
     """``weight`` ``(O, I)`` applied to each ``(I, L)`` slice of ``t`` ``(Bt, I, L)`` → ``(Bt, O, L)``, contiguous.
 
     A bmm against the weight broadcast over the batch keeps L innermost, so the scan gets delta, B and C
@@ -70,7 +70,7 @@ def _project(weight: Tensor, t: Tensor) -> Tensor:
     return torch.bmm(weight.expand(t.shape[0], -1, -1), t)
 
 
-def _split_channels(xz: Tensor) -> tuple[Tensor, Tensor]:
+def split_channels(xz: Tensor) -> tuple[Tensor, Tensor]:
     """x and z, the halves of ``xz`` ``(Bt, 2·D, L)`` along its channels.
 
     Mamba's in_proj is one GEMM into ``(2·D, Bt·L)`` memory, viewed as ``(Bt, 2·D, L)``. Chunking that view makes
@@ -115,7 +115,7 @@ class _ChannelsFirstLinear(torch.autograd.Function):
         return dy, dweight, dbias
 
 
-def _out_proj(y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def project_to_tokens(y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(y.transpose(1, 2), weight, bias)`` for y ``(Bt, D, L)``: for fp32/fp64 on a CPU without autocast
     through the Function above (the two copies were 7 % of the CPU bench block's training step). F.linear itself
     under autocast, which picks its dtypes; in bf16/fp16, whose weight gradient would be rounded once per batch row
@@ -169,12 +169,12 @@ def _inner_path(
     eps: float, state_mask: Tensor | None, backend: str,
 ) -> Tensor:
     """xz ``(Bt, 2D, L)`` → ``out_proj(y · silu(z))`` ``(Bt, L, d_model)``."""
-    x, z = _split_channels(xz)
+    x, z = split_channels(xz)
     weight = conv1d_weight.reshape(conv1d_weight.shape[0], -1)
     u = causal_conv1d(x, weight, conv1d_bias, activation="silu")  # (Bt, D, L)
     rank, dstate = delta_proj_weight.shape[1], A.shape[1]
-    x_dbl = _project(x_proj_weight, u)  # (Bt, rows, L): [dt | B | C]
-    delta = _project(delta_proj_weight, x_dbl[:, :rank])  # (Bt, D, L)
+    x_dbl = project_channels(x_proj_weight, u)  # (Bt, rows, L): [dt | B | C]
+    delta = project_channels(delta_proj_weight, x_dbl[:, :rank])  # (Bt, D, L)
     if dt_rms_weight is not None:
         delta = _rms_norm(delta, dt_rms_weight, eps, dim=1)
     col = rank
@@ -193,7 +193,7 @@ def _inner_path(
             C = _rms_norm(C, c_rms_weight, eps, dim=1)
     y = selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                           state_mask=state_mask, backend=backend)
-    return _out_proj(y, out_proj_weight, out_proj_bias)
+    return project_to_tokens(y, out_proj_weight, out_proj_bias)
 
 
 def mamba_inner_fn(
