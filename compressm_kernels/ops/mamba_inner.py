@@ -66,7 +66,7 @@ def project_channels(weight: Tensor, t: Tensor) -> Tensor:
     without a transposing copy, and t is read in place (``F.linear(t.transpose(1, 2))`` copies it first).
     Its backward sums a ``(Bt, O, I)`` weight gradient, small next to t ``(Bt, I, L)`` or the result
     ``(Bt, O, L)`` while min(O, I) ≪ L: x_proj's R + 2·N rows, dt_proj's rank R. out_proj's d_model × D is
-    not, so it keeps F.linear."""
+    not: :func:`project_to_tokens` takes its weight gradient one batch row at a time instead."""
     return torch.bmm(weight.expand(t.shape[0], -1, -1), t)
 
 
