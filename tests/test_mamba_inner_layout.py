@@ -16,16 +16,22 @@ F64 = torch.float64
 
 
 class _CountCopies(TorchDispatchMode):
-    """Counts the ops that copy a tensor's elements into a new layout."""
+    """Counts the ops that copy a tensor's elements into a new layout, and the elements they and concatenations
+    write."""
 
     def __init__(self) -> None:
         super().__init__()
         self.copies = 0
+        self.written = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten.clone, torch.ops.aten._to_copy):
             self.copies += 1
-        return func(*args, **(kwargs or {}))
+            self.written += out.numel()
+        elif func.overloadpacket == torch.ops.aten.cat:
+            self.written += out.numel()
+        return out
 
 
 def _leaf(*shape: int, dtype: torch.dtype = F64, seed: int = 0) -> Tensor:
@@ -72,18 +78,29 @@ def _channels_first_xz(batch: int, dim: int, seqlen: int) -> tuple[Tensor, Tenso
     return flat, flat.view(2 * dim, batch, seqlen).permute(1, 0, 2)
 
 
-@pytest.mark.parametrize("layout", ["channels-first", "contiguous"])
+def _token_major_xz(batch: int, dim: int, seqlen: int) -> tuple[Tensor, Tensor]:
+    """A leaf ``(Bt, L, 2·dim)`` linear output and xz, its ``(Bt, 2·dim, L)`` view (transformers' in_proj)."""
+    tokens = _leaf(batch, seqlen, 2 * dim)
+    return tokens, tokens.transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["channels-first", "token-major", "token-major, odd", "contiguous"])
 def test_split_equals_chunk(layout: str) -> None:
     if layout == "channels-first":
         leaf, xz = _channels_first_xz(3, 4, 7)
+    elif layout == "token-major":
+        leaf, xz = _token_major_xz(3, 4, 7)
+    elif layout == "token-major, odd":  # 9 channels: chunk gives x five, z four
+        leaf = _leaf(3, 7, 9)
+        xz = leaf.transpose(1, 2)
     else:
         leaf = xz = _leaf(3, 8, 7)
     x, z = split_channels(xz)
     x_ref, z_ref = xz.chunk(2, dim=1)
     assert torch.equal(x, x_ref) and torch.equal(z, z_ref)
-    weights = torch.randn(2, 3, 4, 7, dtype=F64)
-    grad = torch.autograd.grad((x * weights[0]).sum() + (z * weights[1]).sum(), leaf)[0]
-    grad_ref = torch.autograd.grad((x_ref * weights[0]).sum() + (z_ref * weights[1]).sum(), leaf)[0]
+    wx, wz = torch.randn(x.shape, dtype=F64), torch.randn(z.shape, dtype=F64)
+    grad = torch.autograd.grad((x * wx).sum() + (z * wz).sum(), leaf)[0]
+    grad_ref = torch.autograd.grad((x_ref * wx).sum() + (z_ref * wz).sum(), leaf)[0]
     assert torch.equal(grad, grad_ref)
 
 
@@ -111,3 +128,27 @@ def test_out_proj_in_half_precision_is_linears(dtype: torch.dtype) -> None:
     for got, want in zip(torch.autograd.grad(out, (y, weight), cotangent),
                          torch.autograd.grad(expected, (y, weight), cotangent), strict=True):
         assert torch.equal(got, want)
+
+
+def test_split_of_token_major_xz_writes_its_gradient_once() -> None:
+    """For transformers' layout (in_proj's ``(Bt, L, 2·D)`` output, transposed) the gradient reaches in_proj's
+    GEMM as ``(Bt·L, 2·D)`` rows after one write of its elements (dx and dz transposed into place); through
+    ``xz.chunk`` it is concatenated and then transposed again, twice the writes. Only dz given: the x half is 0."""
+    batch, dim, seqlen = 2, 4, 7
+    weight = _leaf(2 * dim, 5, seed=3)
+    for split, passes in ((split_channels, 1), (lambda xz: xz.chunk(2, dim=1), 2)):
+        h = _leaf(batch, seqlen, 5, seed=4)
+        xz = F.linear(h, weight).transpose(1, 2)
+        x, z = split(xz)
+        with _CountCopies() as probe:
+            grads = torch.autograd.grad((x, z), (h, weight), (torch.ones_like(x), 2 * torch.ones_like(z)))
+        assert probe.written == passes * xz.numel()
+        ones = torch.cat([torch.ones(batch, seqlen, dim, dtype=F64), 2 * torch.ones(batch, seqlen, dim, dtype=F64)], -1)
+        expected = torch.autograd.grad(F.linear(h, weight), (h, weight), ones)
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want)
+    leaf, xz = _token_major_xz(batch, dim, seqlen)
+    _, z = split_channels(xz)
+    (grad,) = torch.autograd.grad(z.sum(), leaf)
+    assert torch.equal(grad, torch.cat([torch.zeros(batch, seqlen, dim, dtype=F64),
+                                        torch.ones(batch, seqlen, dim, dtype=F64)], -1))
