@@ -209,6 +209,40 @@ def test_multi_head_state_update_matches_mamba_reference(expanded_A: bool) -> No
     assert torch.equal(picked[1], state[1])
 
 
+@pytest.mark.parametrize("per_head", ["all", "dt", "D", "dt_bias", "A", "none"])
+@pytest.mark.parametrize("dt_dtype", [F32, torch.bfloat16])
+def test_multi_head_step_reads_per_head_values_in_place(per_head: str, dt_dtype: torch.dtype) -> None:
+    """dt, D, dt_bias and A expanded per head, as Mamba2.step passes them, reach the C++ step as one value per head
+    (none copied out per channel). Heads of 48 channels straddle the kernel's 128-channel blocks (the second block
+    starts a third into a head); dt is a strided slice (head stride 2), in fp32 or bf16. Each expanded tensor alone
+    or all of them, against mamba_ssm's reference in float64."""
+    gen = torch.Generator().manual_seed(5)
+    batch, heads, headdim, groups, dstate = 2, 7, 48, 1, 16
+
+    def head_values(*lead: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return torch.randn(*lead, generator=gen) * scale + shift
+
+    def maybe_expand(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        expanded = t.expand(shape)
+        return expanded if per_head in ("all", name) else expanded.contiguous()
+
+    state = torch.randn(batch, heads, headdim, dstate, generator=gen)
+    x = torch.randn(batch, heads, headdim, generator=gen)
+    dt_heads = head_values(batch, heads, 2)[..., :1].to(dt_dtype)  # (Bt, H, 1), stride 2 along H
+    dt = maybe_expand("dt", dt_heads, (batch, heads, headdim))
+    A = maybe_expand("A", -head_values(heads, 1, 1, scale=0.2, shift=1.0).abs(), (heads, headdim, dstate))
+    D = maybe_expand("D", head_values(heads, 1), (heads, headdim))
+    dt_bias = maybe_expand("dt_bias", head_values(heads, 1, scale=0.5), (heads, headdim))
+    B, C = torch.randn(batch, groups, dstate, generator=gen), torch.randn(batch, groups, dstate, generator=gen)
+    want_state = state.double().clone()
+    want = mamba_step_ref(want_state, x.double(), dt.double(), A.double(), B.double(), C.double(), D.double(),
+                          None, dt_bias.double(), dt_softplus=True)
+    mine = state.clone()
+    # A bf16 dt converts to fp32 exactly, so fp32's tolerance holds either way.
+    assert_close(mamba_step(mine, x, dt, A, B, C, D, None, dt_bias, True).double(), want, F32, "y")
+    assert_close(mine.double(), want_state, F32, "state")
+
+
 def test_stock_mamba2_lm_forward_backward_generate() -> None:
     """A stock MambaLMHeadModel with Mamba-2 layers trains and generates on CPU; each generated step's scores
     == the full forward's logits on the generated sequence (the decode path == the scan path)."""

@@ -222,9 +222,11 @@ Operand token(const Tensor& t, const char* name, int64_t batch, int64_t dim) {
   return {t.data_ptr(), dtype_of(t, name), t.stride(0), t.stride(1), 0};
 }
 
-Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
-                    const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
-                    const OptTensor& ranks, const OptTensor& kept, bool dt_softplus) {
+// The decode step. With headdim > 1 (state_update_heads), dt may be (Bt, H), D and dt_bias (H,) and A (H,): one
+// value per head of headdim channels, read by the kernel per head instead of copied out per channel.
+Tensor state_update_in_heads(const Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
+                             const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
+                             const OptTensor& ranks, const OptTensor& kept, bool dt_softplus, int64_t headdim) {
   check_cpu(state, "state");
   TORCH_CHECK_VALUE(state.dim() == 3, "state must have shape (Bt, D, N), got ", shape_of(state));
   const int64_t batch = state.size(0), dim = state.size(1), dstate = state.size(2);
@@ -237,8 +239,11 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
   p.state = state.data_ptr();
   p.state_dtype = dtype_of(state, "state");
   p.state_stride0 = state.stride(0), p.state_stride1 = state.stride(1), p.state_stride2 = state.stride(2);
+  const int64_t heads = dim / headdim;
+  p.headdim = static_cast<int>(headdim);
   p.x = token(x, "x", batch, dim);
-  p.dt = token(dt, "dt", batch, dim);
+  p.dt_per_head = headdim > 1 && dt.dim() == 2 && dt.size(1) == heads;
+  p.dt = token(dt, "dt", batch, p.dt_per_head ? heads : dim);
   if (z.has_value()) p.z = token(*z, "z", batch, dim);
   for (auto [t, name, op, groups] : {std::tuple{&B, "B", &p.B, &p.groups_b}, std::tuple{&C, "C", &p.C, &p.groups_c}}) {
     check_cpu(*t, name);
@@ -252,17 +257,23 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
   }
   // An A expanded along N (Mamba-2's heads pass A so) has one value per channel: the kernel takes that value
   // and computes each channel's decay once instead of once per state.
-  p.shared_decay = A.dim() == 2 && A.size(0) == dim && A.size(1) == dstate && dstate > 1 && A.stride(1) == 0;
-  Tensor A_c = p.shared_decay ? param(A.select(1, 0), "A", {dim}) : param(A, "A", {dim, dstate});
+  p.A_per_head = headdim > 1 && A.dim() == 1;
+  p.shared_decay = p.A_per_head || (A.dim() == 2 && A.size(0) == dim && A.size(1) == dstate && dstate > 1 &&
+                                    A.stride(1) == 0);
+  Tensor A_c = p.A_per_head     ? param(A, "A", {heads})
+               : p.shared_decay ? param(A.select(1, 0), "A", {dim})
+                                : param(A, "A", {dim, dstate});
   p.A = A_c.data_ptr<float>();
   // As mamba_ssm's step, D and dt_bias may come in a half-precision model's dtype: read as fp32 (exact).
   auto upcast_half = [](const OptTensor& t) -> OptTensor {
     const bool half = t.has_value() && (t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16);
     return half ? OptTensor(t->to(at::kFloat)) : t;
   };
+  auto per_head = [&](const OptTensor& t) { return headdim > 1 && t.has_value() && t->dim() == 1 && t->size(0) == heads; };
+  p.D_per_head = per_head(D), p.dt_bias_per_head = per_head(dt_bias);
   OptTensor D_c, bias_c;
-  p.D = opt_param(upcast_half(D), "D", {dim}, D_c);
-  p.dt_bias = opt_param(upcast_half(dt_bias), "dt_bias", {dim}, bias_c);
+  p.D = opt_param(upcast_half(D), "D", {p.D_per_head ? heads : dim}, D_c);
+  p.dt_bias = opt_param(upcast_half(dt_bias), "dt_bias", {p.dt_bias_per_head ? heads : dim}, bias_c);
   Tensor ranks_c, kept_c;
   TORCH_CHECK_VALUE(ranks.has_value() == kept.has_value(), "ranks and kept must be given together");
   if (ranks.has_value()) {
@@ -281,10 +292,17 @@ Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, cons
   return out;
 }
 
+Tensor state_update(const Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
+                    const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
+                    const OptTensor& ranks, const OptTensor& kept, bool dt_softplus) {
+  return state_update_in_heads(state, x, dt, A, B, C, D, z, dt_bias, ranks, kept, dt_softplus, 1);
+}
+
 // Mamba-2's multi-head step: state (Bt, H, P, N), x/dt/z (Bt, H, P), A (H, P, N), D/dt_bias (H, P), B/C (Bt, G, N)
-// with G dividing H. The heads' channels are flattened into state_update's (Bt, H·P, N) here rather than in Python,
-// where the six reshapes cost more than the step (dt, D and dt_bias come expanded per head: small copies). The state
-// must flatten to a view, as it is updated in place.
+// with G dividing H. The heads' channels are flattened into the (Bt, H·P, N) step here rather than in Python, where
+// the six reshapes cost more than the step. dt, D, dt_bias and A come expanded per head (stride 0 along P, and N):
+// they go to the kernel as one value per head, not copied out per channel (copying them was half of a step at
+// N = 64). The state must flatten to a view, as it is updated in place.
 Tensor state_update_heads(const Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
                           const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
                           bool dt_softplus) {
@@ -298,14 +316,16 @@ Tensor state_update_heads(const Tensor& state, const Tensor& x, const Tensor& dt
     check_cpu(t, name);
     TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", shape_of(t));
   };
-  auto per_token = [&](const Tensor& t, const char* name) {
+  // Expanded along the head's channels (or a head of one channel): one value per head, a view.
+  const auto per_head = [&](const Tensor& t, int64_t axis) { return headdim > 1 && t.stride(axis) == 0; };
+  auto per_token = [&](const Tensor& t, const char* name, bool heads_ok = false) {
     check_shape(t, name, {batch, heads, headdim});
-    return t.reshape({batch, dim});
+    return heads_ok && per_head(t, 2) ? t.select(2, 0) : t.reshape({batch, dim});
   };
   auto per_channel = [&](const OptTensor& t, const char* name) -> OptTensor {
     if (!t.has_value()) return t;
     check_shape(*t, name, {heads, headdim});
-    return t->reshape({dim});
+    return per_head(*t, 1) ? t->select(1, 0) : t->reshape({dim});
   };
   for (auto [t, name] : {std::pair{&B, "B"}, std::pair{&C, "C"}}) {
     TORCH_CHECK_VALUE(t->dim() == 3 && t->size(1) >= 1 && heads % t->size(1) == 0 && t->sizes() == B.sizes(), name,
@@ -313,12 +333,16 @@ Tensor state_update_heads(const Tensor& state, const Tensor& x, const Tensor& dt
                       shape_of(*t));
   }
   check_shape(A, "A", {heads, headdim, dstate});
-  // An A expanded along N stays so (state_update then takes one decay per channel).
-  const Tensor A_flat = dstate > 1 && A.stride(2) == 0 ? A.select(2, 0).reshape({dim, 1}).expand({dim, dstate})
-                                                       : A.reshape({dim, dstate});
+  // An A expanded along N stays so (the kernel takes one decay per channel), as one value per head when it is
+  // expanded along the head's channels too.
+  const bool shared = dstate == 1 || A.stride(2) == 0;
+  const Tensor A_flat = shared && per_head(A, 1) ? A.select(2, 0).select(1, 0)
+                        : shared && dstate > 1   ? A.select(2, 0).reshape({dim, 1}).expand({dim, dstate})
+                                                 : A.reshape({dim, dstate});
   const OptTensor z_flat = z.has_value() ? OptTensor(per_token(*z, "z")) : OptTensor();
-  Tensor out = state_update(state.view({batch, dim, dstate}), per_token(x, "x"), per_token(dt, "dt"), A_flat, B, C,
-                            per_channel(D, "D"), z_flat, per_channel(dt_bias, "dt_bias"), {}, {}, dt_softplus);
+  Tensor out = state_update_in_heads(state.view({batch, dim, dstate}), per_token(x, "x"),
+                                     per_token(dt, "dt", true), A_flat, B, C, per_channel(D, "D"), z_flat,
+                                     per_channel(dt_bias, "dt_bias"), {}, {}, dt_softplus, headdim);
   return out.view({batch, heads, headdim});
 }
 

@@ -68,6 +68,10 @@ struct StateUpdateParams {
   bool shared_decay = false;  // each channel's states share one A (Mamba-2's heads): ā computed once per channel
   const float* D = nullptr;
   const float* dt_bias = nullptr;
+  // Mamba-2's heads of `headdim` channels: dt ((Bt, H) operand), D, dt_bias and, with shared_decay, A ((H,)) may
+  // hold one value per head, which channel d reads at d / headdim (mamba_ssm passes them expanded per head).
+  int headdim = 1;
+  bool dt_per_head = false, D_per_head = false, dt_bias_per_head = false, A_per_head = false;
   const int32_t* ranks = nullptr;
   const int32_t* kept = nullptr;
   void* out = nullptr;  // (Bt, D) contiguous, x's dtype

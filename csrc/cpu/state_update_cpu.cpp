@@ -21,6 +21,33 @@ COMPRESSM_ALWAYS_INLINE const float* token_row(const Operand& op, int b, int d0,
   return row_as_f32(op.data, op.dtype, b * op.stride0 + d0 * op.stride1, op.stride1, n, buf);
 }
 
+// Channels [d0, d0 + n) of heads of headdim channels: buf[i] = per_head[head of d0 + i - head of d0], one fill per
+// head (a loop counting heads per channel cost a quarter of a step at N = 64).
+COMPRESSM_ALWAYS_INLINE void repeat_per_head(const float* per_head, int headdim, int d0, int n, float* buf) {
+  for (int i = 0, head = 0, run = headdim - d0 % headdim; i < n; i += run, ++head, run = headdim) {
+    std::fill_n(buf + i, std::min(run, n - i), per_head[head]);
+  }
+}
+
+// The block's n values of a per-channel vector v from d0: v + d0, or, when v holds one value per head, those
+// values repeated into buf.
+COMPRESSM_ALWAYS_INLINE const float* channel_values(const float* v, bool per_head, int headdim, int d0, int n,
+                                                    float* buf) {
+  if (!per_head) return v + d0;
+  repeat_per_head(v + d0 / headdim, headdim, d0, n, buf);
+  return buf;
+}
+
+// As token_row for a (Bt, H) operand holding one value per head.
+COMPRESSM_ALWAYS_INLINE const float* head_token_row(const Operand& op, int b, int headdim, int d0, int n,
+                                                    float* buf) {
+  const int first = d0 / headdim, count = (d0 + n - 1) / headdim - first + 1;
+  alignas(64) float heads[kBlock];
+  repeat_per_head(row_as_f32(op.data, op.dtype, b * op.stride0 + first * op.stride1, op.stride1, count, heads),
+                  headdim, d0, n, buf);
+  return buf;
+}
+
 struct BlockArgs {
   const StateUpdateParams* p;
   int b, d0, n;  // batch, first channel, channels in the block
@@ -182,18 +209,19 @@ COMPRESSM_ALWAYS_INLINE void block_step_shared_or_not(const BlockArgs& a) {
   const StateUpdateParams& p = *a.p;
   const int b = a.b, d0 = a.d0, n = a.n;
   alignas(64) float x_buf[kBlock], dt_buf[kBlock], softplus_buf[kBlock], delta_x[kBlock], gate[kBlock], y_buf[kBlock];
-  alignas(64) float decay[kBlock];
+  alignas(64) float decay[kBlock], bias_buf[kBlock], A_buf[kBlock], D_buf[kBlock];
   v8f lanes[kBlock];  // per channel, C·h folded to eight lanes
 
   // Per-channel scalars, vectorised across the block's channels.
   const float* x = token_row(p.x, b, d0, n, x_buf);
-  const float* dt = token_row(p.dt, b, d0, n, dt_buf);
+  const float* dt = p.dt_per_head ? head_token_row(p.dt, b, p.headdim, d0, n, dt_buf) : token_row(p.dt, b, d0, n, dt_buf);
   if (p.z.data) {
     const float* z = token_row(p.z, b, d0, n, gate);
     for (int i = 0; i < n; ++i) gate[i] = silu_f32(z[i]);
   }
   if (p.dt_bias) {
-    for (int i = 0; i < n; ++i) dt_buf[i] = dt[i] + p.dt_bias[d0 + i];
+    const float* bias = channel_values(p.dt_bias, p.dt_bias_per_head, p.headdim, d0, n, bias_buf);
+    for (int i = 0; i < n; ++i) dt_buf[i] = dt[i] + bias[i];
     dt = dt_buf;
   }
   const float* delta = dt;  // Δ = softplus(dt + bias) or dt + bias
@@ -203,7 +231,8 @@ COMPRESSM_ALWAYS_INLINE void block_step_shared_or_not(const BlockArgs& a) {
   }
   for (int i = 0; i < n; ++i) delta_x[i] = delta[i] * x[i];
   if (kShared) {  // one ā per channel, vectorised across the block's channels
-    for (int i = 0; i < n; ++i) decay[i] = exp_f32(delta[i] * p.A[d0 + i]);
+    const float* A = channel_values(p.A, p.A_per_head, p.headdim, d0, n, A_buf);
+    for (int i = 0; i < n; ++i) decay[i] = exp_f32(delta[i] * A[i]);
   }
   const float* step = kShared ? decay : delta;  // what advance_states takes
 
@@ -242,7 +271,8 @@ COMPRESSM_ALWAYS_INLINE void block_step_shared_or_not(const BlockArgs& a) {
 
   // The D skip and the gate, vectorised across channels.
   if (p.D) {
-    for (int i = 0; i < n; ++i) y[i] += p.D[d0 + i] * x[i];
+    const float* D = channel_values(p.D, p.D_per_head, p.headdim, d0, n, D_buf);
+    for (int i = 0; i < n; ++i) y[i] += D[i] * x[i];
   }
   if (p.z.data) {
     for (int i = 0; i < n; ++i) y[i] *= gate[i];
