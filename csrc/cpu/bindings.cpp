@@ -269,7 +269,9 @@ Tensor state_update_in_heads(const Tensor& state, const Tensor& x, const Tensor&
     const bool half = t.has_value() && (t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16);
     return half ? OptTensor(t->to(at::kFloat)) : t;
   };
-  auto per_head = [&](const OptTensor& t) { return headdim > 1 && t.has_value() && t->dim() == 1 && t->size(0) == heads; };
+  auto per_head = [&](const OptTensor& t) {
+    return headdim > 1 && t.has_value() && t->dim() == 1 && t->size(0) == heads;
+  };
   p.D_per_head = per_head(D), p.dt_bias_per_head = per_head(dt_bias);
   OptTensor D_c, bias_c;
   p.D = opt_param(upcast_half(D), "D", {p.D_per_head ? heads : dim}, D_c);
@@ -316,7 +318,7 @@ Tensor state_update_heads(const Tensor& state, const Tensor& x, const Tensor& dt
     check_cpu(t, name);
     TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", shape_of(t));
   };
-  // Expanded along the head's channels (or a head of one channel): one value per head, a view.
+  // Expanded along the head's channels (stride 0 there): passed on as one value per head, a view.
   const auto per_head = [&](const Tensor& t, int64_t axis) { return headdim > 1 && t.stride(axis) == 0; };
   auto per_token = [&](const Tensor& t, const char* name, bool heads_ok = false) {
     check_shape(t, name, {batch, heads, headdim});

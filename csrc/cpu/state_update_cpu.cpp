@@ -214,7 +214,8 @@ COMPRESSM_ALWAYS_INLINE void block_step_shared_or_not(const BlockArgs& a) {
 
   // Per-channel scalars, vectorised across the block's channels.
   const float* x = token_row(p.x, b, d0, n, x_buf);
-  const float* dt = p.dt_per_head ? head_token_row(p.dt, b, p.headdim, d0, n, dt_buf) : token_row(p.dt, b, d0, n, dt_buf);
+  const float* dt = p.dt_per_head ? head_token_row(p.dt, b, p.headdim, d0, n, dt_buf)
+                                  : token_row(p.dt, b, d0, n, dt_buf);
   if (p.z.data) {
     const float* z = token_row(p.z, b, d0, n, gate);
     for (int i = 0; i < n; ++i) gate[i] = silu_f32(z[i]);
