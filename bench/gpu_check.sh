@@ -72,10 +72,10 @@ run_step racecheck 45 "$OUT/racecheck.log" compute-sanitizer --tool racecheck --
 
 run_step bench 90 "$OUT/bench.log" "$PY" -m bench scan --device cuda --backends cuda,triton,mamba \
   --dstates 128,64,16,8 --json-dir "$OUT" --plots-dir ""
-# The other suites at their quick sizes (decode step vs mamba_ssm's Triton step, block before/after surgery,
+# The other suites at their quick sizes (block before/after surgery, decode step vs mamba_ssm's Triton step,
 # Hankel energies, Mamba-2's scan vs mamba_ssm's Triton SSD); the scan table above stays the one the summary shows.
 run_step bench-rest 90 "$OUT/bench_rest.log" bash -c \
-  "for s in decode ssd block hankel; do \"$PY\" -m bench \$s --device cuda --quick --json-dir '$OUT' --plots-dir '' || exit 1; done"
+  "for s in block decode ssd hankel; do \"$PY\" -m bench \$s --device cuda --quick --json-dir '$OUT' --plots-dir '' || exit 1; done"
 
 echo
 echo "================================ summary ================================"

@@ -50,7 +50,7 @@ def run(few: bool) -> int:
     for shape, misaligned, mask_kind in itertools.product(shapes, (0, 1), ("none", "shared", "per-channel")):
         if few and (misaligned or mask_kind == "shared"):
             continue
-        batch, dim, seqlen, dstate, form, dtype = shape
+        dim, dstate = shape[1], shape[3]
         x = _inputs(*shape, misaligned=misaligned)
         gen = torch.Generator().manual_seed(calls)
         mask = None
