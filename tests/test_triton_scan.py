@@ -38,7 +38,9 @@ def nan_outputs(monkeypatch: pytest.MonkeyPatch):
     def poisoned(factory):
         def make(*args, **kwargs):
             t = factory(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
+            if t.is_floating_point():
+                t.detach().fill_(float("nan"))  # detach: a factory called with requires_grad=True
+            return t
         return make
 
     monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
@@ -52,6 +54,8 @@ def _triton(**kw):
 
 def _check(case: Case, state_mask: torch.Tensor | None = None) -> None:
     inputs = make_inputs(case, device=DEVICE)
+    if state_mask is not None:
+        state_mask = state_mask.to(DEVICE)
     ours = run_with_grads(_triton, inputs, state_mask=state_mask)
     expected = run_with_grads(selective_scan_ref, inputs, state_mask=state_mask)
     assert ours.keys() == expected.keys()
@@ -116,12 +120,12 @@ def test_masked_equals_compacted(per_channel: bool) -> None:
     mask given shared or as identical per-channel rows."""
     case = Case(batch=1, dim=4, seqlen=33, dstate=12, groups=2, b_form="grouped", c_form="invariant")
     inputs = make_inputs(case, device=DEVICE)
-    mask = torch.zeros(case.dstate, dtype=torch.bool)
+    mask = torch.zeros(case.dstate, dtype=torch.bool, device=DEVICE)
     mask[[0, 3, 4, 8, 11]] = True
     keep = mask.nonzero().flatten()
     gen = torch.Generator().manual_seed(1)
-    g_out = torch.randn(case.batch, case.dim, case.seqlen, generator=gen)
-    g_last = torch.randn(case.batch, case.dim, case.dstate, generator=gen)
+    g_out = torch.randn(case.batch, case.dim, case.seqlen, generator=gen).to(DEVICE)
+    g_last = torch.randn(case.batch, case.dim, case.dstate, generator=gen).to(DEVICE)
     state_mask = mask.expand(case.dim, -1).contiguous() if per_channel else mask
     masked = run_with_grads(_triton, inputs, cotangents=(g_out, g_last), state_mask=state_mask)
 
@@ -153,6 +157,7 @@ def test_every_output_is_written(case: Case, mask: str | None, nan_outputs) -> N
     """With fresh tensors poisoned with NaN, outputs and gradients still match the reference."""
     state_mask = {"per-channel": _per_channel_mask(case.dim, case.dstate, seed=4),
                   "shared": torch.tensor([False, True, True, False]), None: None}[mask]
+    state_mask = None if state_mask is None else state_mask.to(DEVICE)
     inputs = make_inputs(case, device=DEVICE)
     ours = run_with_grads(_triton, inputs, state_mask=state_mask)
     for name, t in ours.items():
@@ -190,7 +195,7 @@ def test_saves_only_chunk_carries() -> None:
 def test_torch_compile_traces_without_graph_breaks() -> None:
     case = Case(batch=1, dim=4, seqlen=20, dstate=4)
     inputs = make_inputs(case, device=DEVICE)
-    mask = torch.tensor([True, False, True, True])
+    mask = torch.tensor([True, False, True, True], device=DEVICE)
 
     def loss(u, delta, A, B, C, D, z, delta_bias):
         out, last = selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, True, True, state_mask=mask,
@@ -206,12 +211,15 @@ def test_torch_compile_traces_without_graph_breaks() -> None:
 
 
 def test_unavailable_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
-    x64 = check_scan_inputs(*(torch.ones(1, 2, 3, dtype=torch.float64),) * 2, -torch.ones(2, 4, dtype=torch.float64),
-                            torch.ones(1, 4, 3, dtype=torch.float64), torch.ones(1, 4, 3, dtype=torch.float64))
-    assert "backend='reference'" in triton_backend.unavailable_reason(x64)
-    x = check_scan_inputs(*(torch.ones(1, 2, 3),) * 2, -torch.ones(2, 4), torch.ones(1, 4, 3), torch.ones(1, 4, 3))
+    def inputs(dtype: torch.dtype):
+        ones = {"dtype": dtype, "device": DEVICE}
+        return check_scan_inputs(*(torch.ones(1, 2, 3, **ones),) * 2, -torch.ones(2, 4, **ones),
+                                 torch.ones(1, 4, 3, **ones), torch.ones(1, 4, 3, **ones))
+
+    assert "backend='reference'" in triton_backend.unavailable_reason(inputs(torch.float64))
+    x = inputs(torch.float32)
+    assert triton_backend.unavailable_reason(x) is None
     if DEVICE == "cpu":
-        assert triton_backend.unavailable_reason(x) is None
         monkeypatch.setattr(triton_backend._kernels, "INTERPRETED", False)
         assert "TRITON_INTERPRET=1" in triton_backend.unavailable_reason(x)
     monkeypatch.setattr(triton_backend, "_kernels", None)

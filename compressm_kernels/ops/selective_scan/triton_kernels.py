@@ -302,7 +302,9 @@ def scan_bwd_kernel(
             dhs = rb + ra * _column(dh, slots, j)[:, None]
             dh = tl.where(slots[None, :] == j, _column(dhs, offs_t, 0)[:, None], dh)
 
-            prev = hs - drive  # exp(Δ[t] A) h[t-1], without a division
+            # exp(Δ[t] A) h[t-1] without a division; at the chunk's first step straight from the carry, so that
+            # h[-1] = 0 gives exactly 0 (a contracted hs - drive leaves the product's rounding error there).
+            prev = tl.where(offs_t[None, :] == 0, pa * h0[:, None], hs - drive)
             dbu = dhs * dtu
             dcy = dy * hs
             du += dhs * dt * bv
