@@ -97,6 +97,11 @@ def extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     include_dirs = [str(CSRC / "include")]
+    # libstdc++ named explicitly, ahead of the compiler driver's own: where the environment asks for it statically
+    # (-static-libstdc++ in LDFLAGS, say; the lent GPU machine's builds came out so), an extension carries a private
+    # copy of its locale code beside the shared one torch uses, and streaming an integer into an error message
+    # segfaulted there.
+    link_libstdcxx = ["-lstdc++"]
     exts = []
     if cpu_sources:
         exts.append(
@@ -111,7 +116,7 @@ def extensions() -> tuple[list, dict]:
                 extra_compile_args={
                     "cxx": ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math", "-fno-wrapv"]
                 },
-                extra_link_args=["-fopenmp"],
+                extra_link_args=["-fopenmp", *link_libstdcxx],
             )
         )
     want_cuda = bool(cuda_sources) and not _flag("COMPRESSM_SKIP_CUDA_BUILD")
@@ -131,6 +136,7 @@ def extensions() -> tuple[list, dict]:
                 cuda_sources,
                 include_dirs=include_dirs + _wheel_cuda_includes(),
                 extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": nvcc_flags},
+                extra_link_args=link_libstdcxx,
             )
         )
     elif want_cuda:

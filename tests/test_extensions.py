@@ -44,3 +44,36 @@ def test_import_stays_light() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     before, after = result.stdout.split()
     assert after == before == "False", result.stdout
+
+
+def _built(name: str):
+    module, reason = _extensions.load_extension(name)
+    if module is None:
+        pytest.skip(reason)
+    return module
+
+
+@pytest.mark.parametrize("name", ["_C", "_C_cuda"])
+def test_extensions_link_the_shared_libstdcxx(name: str) -> None:
+    """The extensions use the libstdc++ torch uses, not a static copy of their own (setup.py names it even
+    where the environment asks for -static-libstdc++): with a copy, integers streamed into error messages
+    came out truncated here and segfaulted on the GPU machine."""
+    import shutil
+    import subprocess
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils, which builds the extensions) is not installed")
+    module = _built(name)
+    dynamic = subprocess.run([readelf, "-d", module.__file__], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, dynamic
+
+
+def test_error_messages_keep_their_numbers() -> None:
+    """The symptom of a private libstdc++ copy: the message stops at its first integer."""
+    import torch
+
+    cpu = _built("_C")
+    u, A, B = torch.randn(1, 3, 4), -torch.rand(3, 300), torch.randn(1, 300, 4)
+    with pytest.raises(ValueError, match=r"^A must have 1 <= N <= 256 states, got N=300$"):
+        cpu.scan_fwd(u, u, A, B, B, None, None, None, None, None, True, 64)

@@ -28,17 +28,7 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Integers reach the messages as strings made by std::to_string, never streamed: on the GPU machine (torch
-// 2.11, this file built there) streaming an int64 into c10::str's ostringstream segfaulted.
-std::string num(int64_t v) { return std::to_string(v); }
-
-std::string dims(at::IntArrayRef d) {
-  std::string s = "(";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + num(d[i]);
-  return s + ")";
-}
-
-std::string shape_str(const Tensor& t) { return dims(t.sizes()); }
+std::string shape_str(const Tensor& t) { return c10::str(t.sizes()); }
 
 // Devices are checked after dtypes and shapes (so those checks run, and are testable, without a GPU).
 void check_devices(std::initializer_list<std::pair<const char*, const Tensor*>> tensors, const Tensor& u) {
@@ -57,7 +47,7 @@ void check_dtype(const char* name, const Tensor& t, at::ScalarType expected) {
 }
 
 void check_shape(const char* name, const Tensor& t, at::IntArrayRef expected, const char* what) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", what, " = ", dims(expected), ", got ",
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", what, " = ", expected, ", got ",
                     shape_str(t));
 }
 
@@ -67,7 +57,7 @@ void check_contiguous(const char* name, const Tensor& t) {
 
 void check_unit_stride(const char* name, const Tensor& t) {
   TORCH_CHECK_VALUE(t.size(-1) == 1 || t.stride(-1) == 1, name, " must be unit-stride along L (its last axis), got strides ",
-                    dims(t.strides()));
+                    t.strides());
 }
 
 bool aligned16(const Tensor& t, std::initializer_list<int64_t> strides) {
@@ -111,10 +101,10 @@ ProjectionRef projection(const char* name, const Tensor& t, const Tensor& u, int
   check_dtype(name, t, u.scalar_type());
   const Tensor t4 = t.dim() == 3 ? t.unsqueeze(1) : t;
   const int64_t groups = t4.size(1);
-  TORCH_CHECK_VALUE(groups >= 1 && dim % groups == 0, name, " has G=", num(groups), " groups, which must divide D=", num(dim));
+  TORCH_CHECK_VALUE(groups >= 1 && dim % groups == 0, name, " has G=", groups, " groups, which must divide D=", dim);
   TORCH_CHECK_VALUE(t4.sizes() == at::IntArrayRef({batch, groups, dstate, seqlen}), name,
-                    " (variable) must have shape (Bt, N, L) = ", dims({batch, dstate, seqlen}), " or (Bt, G, N, L) = (",
-                    num(batch), ", G, ", num(dstate), ", ", num(seqlen), "), got ", shape_str(t));
+                    " (variable) must have shape (Bt, N, L) = (", batch, ", ", dstate, ", ", seqlen,
+                    ") or (Bt, G, N, L) = (", batch, ", G, ", dstate, ", ", seqlen, "), got ", shape_str(t));
   check_unit_stride(name, t);
   ref.variable = true;
   ref.channels_per_group = static_cast<int>(dim / groups);
@@ -143,11 +133,10 @@ void fill_common(ScanFwdParams& p, const Tensor& u, const Tensor& delta, const T
   check_unit_stride("u", u);
   check_dtype("A", A, at::kFloat);
   TORCH_CHECK_VALUE(A.dim() == 2 && A.size(0) == u.size(1) && A.size(1) >= 1 && A.size(1) <= kMaxDstate,
-                    "A must have shape (D, N) with D=", num(u.size(1)), " and 1 <= N <= ", num(kMaxDstate), ", got ",
-                    shape_str(A));
+                    "A must have shape (D, N) with D=", u.size(1), " and 1 <= N <= ", kMaxDstate, ", got ", shape_str(A));
   check_contiguous("A", A);
   const int64_t dim = u.size(1), dstate = A.size(1);
-  TORCH_CHECK_VALUE(u.size(0) <= 65535, "u has batch ", num(u.size(0)), "; the CUDA scan supports at most 65535");
+  TORCH_CHECK_VALUE(u.size(0) <= 65535, "u has batch ", u.size(0), "; the CUDA scan supports at most 65535");
 
   p.batch = static_cast<int>(u.size(0));
   p.dim = static_cast<int>(dim);

@@ -28,19 +28,26 @@ def mask_to_ranks(state_mask: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     The results of a mask seen before (alive and not modified in place since) are reused; treat them as
     read-only.
     """
-    key = id(state_mask)
-    version = None if torch.compiler.is_compiling() or state_mask.is_inference() else state_mask._version
+    if torch.compiler.is_compiling() or state_mask.is_inference():
+        # No cache: dynamo cannot take id() of a mask made inside the traced graph (torch 2.11 refuses it),
+        # and an inference tensor has no version counter.
+        return _ranks_and_kept(state_mask, dim)
+    key, version = id(state_mask), state_mask._version
     hit = _RANKS.get(key)
-    if version is not None and hit is not None and hit[0]() is state_mask and hit[1:3] == (version, dim):
+    if hit is not None and hit[0]() is state_mask and hit[1:3] == (version, dim):
         return hit[3], hit[4]
+    ranks, kept = _ranks_and_kept(state_mask, dim)
+    if len(_RANKS) >= _RANKS_MAX:
+        _RANKS.pop(next(iter(_RANKS)))
+    _RANKS[key] = (weakref.ref(state_mask, lambda _, key=key: _RANKS.pop(key, None)), version, dim, ranks, kept)
+    return ranks, kept
+
+
+def _ranks_and_kept(state_mask: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     mask = state_mask.expand(dim, state_mask.shape[-1]) if state_mask.dim() == 1 else state_mask
     ranks = mask.sum(dim=1, dtype=torch.int32)
     # A stable sort on "dropped" puts kept states first, each group in increasing index order.
     kept = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices.to(torch.int32).contiguous()
-    if version is not None:
-        if len(_RANKS) >= _RANKS_MAX:
-            _RANKS.pop(next(iter(_RANKS)))
-        _RANKS[key] = (weakref.ref(state_mask, lambda _, key=key: _RANKS.pop(key, None)), version, dim, ranks, kept)
     return ranks, kept
 
 
