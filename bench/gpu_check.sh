@@ -9,7 +9,9 @@
 # Each step runs under `timeout`, capped so that all of them end within GPU_CHECK_SECONDS and the summary
 # still prints; a failing step does not stop the later ones (their logs say why). Pure-Python packages the
 # machine lacks (mamba_ssm, for its Triton kernels as baselines and its model test) can be carried in
-# .gpu_site/, which goes on PYTHONPATH.
+# .gpu_site/ (git-ignored), which goes on PYTHONPATH; mamba_ssm built without CUDA is pure Python:
+#   mkdir -p .gpu_site && cp -r "$(python -c 'import os, importlib.util as u; \
+#     print(os.path.dirname(u.find_spec("mamba_ssm").origin))')" .gpu_site/
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
