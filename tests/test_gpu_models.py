@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from compressm_kernels.modules import Mamba
 from scan_cases import assert_close
+from test_mamba_layer import decode
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,15 +56,6 @@ def out_and_grads(layer: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Te
     weights = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)
     (y * weights).sum().backward()
     return {"out": y.detach().cpu(), **{n: p.grad.cpu() for n, p in layer.named_parameters()}}
-
-
-def decode(layer: Mamba, x: torch.Tensor, prompt: int) -> torch.Tensor:
-    params = SimpleNamespace(seqlen_offset=0, key_value_memory_dict={})
-    outs = [layer(x[:, :prompt], inference_params=params)]
-    for t in range(prompt, x.shape[1]):
-        params.seqlen_offset = t
-        outs.append(layer(x[:, t:t + 1], inference_params=params))
-    return torch.cat(outs, dim=1)
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fused", "unfused"])
