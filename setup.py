@@ -101,7 +101,7 @@ def extensions() -> tuple[list, dict]:
     # (-static-libstdc++ in LDFLAGS, say; the lent GPU machine's builds came out so), an extension carries a private
     # copy of its locale code beside the shared one torch uses, and streaming an integer into an error message
     # segfaulted there.
-    link_libstdcxx = ["-lstdc++"]
+    link_libstdcxx = ["-lstdc++"] if sys.platform.startswith("linux") else []  # macOS has libc++, Windows MSVC
     exts = []
     if cpu_sources:
         exts.append(
