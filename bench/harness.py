@@ -20,7 +20,10 @@ drifts by a quarter over seconds) lands on every row of the group instead of ske
 On a CPU each row also gets the median number of minor page faults per call (``faults``): memory the allocator
 handed back to the OS and takes fresh again. glibc does that with large freed tensors depending on what else
 sits on its heap, so the same call can pay thousands of faults in one process and none in the next (about a
-microsecond each on this VM); the column says when a row's time includes them.
+microsecond each on this VM); the column says when a row's time includes them. The header names the heap
+policy the environment sets (``heap_policy``): ``MALLOC_TRIM_THRESHOLD_=2000000000
+MALLOC_MMAP_THRESHOLD_=2000000000`` keeps freed memory, as a training loop's steady state does (a Mamba block's
+step takes no faults here), and so times the kernels without the faults of isolated calls.
 """
 
 from __future__ import annotations
@@ -71,8 +74,22 @@ def machine_header(device: str) -> str:
         props = torch.cuda.get_device_properties(0)
         lines.append(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
     else:
-        lines.append(f"device: {platform.processor() or platform.machine()} CPU")
+        lines.append(f"device: {platform.processor() or platform.machine()} CPU; {heap_policy()}")
     return "\n".join(lines)
+
+
+# glibc's malloc tunables that decide whether freed tensors go back to the OS (see the module docstring).
+_HEAP_TUNABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def heap_policy() -> str:
+    """How the C heap treats freed memory in this run, as far as the environment sets it: the same kernels
+    page-fault on every call under glibc's defaults and not at all with trimming off, so CPU timings name it."""
+    found = [f"{k}={os.environ[k]}" for k in _HEAP_TUNABLES if k in os.environ]
+    if found:
+        return "heap: " + ", ".join(found)
+    preload = os.environ.get("LD_PRELOAD", "")
+    return f"heap: LD_PRELOAD={preload}" if preload else "heap: the C library's defaults"
 
 
 @dataclass

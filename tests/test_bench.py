@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import main as bench_main
-from bench.harness import Bench
+from bench.harness import Bench, heap_policy, machine_header
 from compressm_kernels.ops.selective_scan import cpu as cpu_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,20 @@ def test_compare_times_a_group_round_robin() -> None:
     assert rows["a"].ratio == pytest.approx(rows["b"].median_ms / rows["a"].median_ms)
     with pytest.raises(ValueError, match="baseline 'z' is not one of the rows"):
         bench.compare("h", fns, baseline="z")
+
+
+def test_cpu_header_names_the_heap_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Freed tensors come back as fresh pages (thousands of faults a call) or not, by glibc's settings: a CPU
+    # report says which, from the environment the run was started with.
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    assert heap_policy() == "heap: the C library's defaults"
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    assert heap_policy() == "heap: LD_PRELOAD=libjemalloc.so.2"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2000000000")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "2000000000")
+    assert heap_policy() == "heap: MALLOC_TRIM_THRESHOLD_=2000000000, MALLOC_MMAP_THRESHOLD_=2000000000"
+    assert machine_header("cpu").splitlines()[-1].endswith("CPU; " + heap_policy())
 
 
 def test_unknown_backend_is_refused(tmp_path: Path) -> None:
