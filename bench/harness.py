@@ -19,8 +19,8 @@ drifts by a quarter over seconds) lands on every row of the group instead of ske
 
 On a CPU each row also gets the median number of minor page faults per call (``faults``): memory the allocator
 handed back to the OS and takes fresh again. glibc does that with large freed tensors depending on what else
-sits on its heap, so the same call can pay thousands of faults in one process and none in the next (about a
-microsecond each on this VM); the column says when a row's time includes them. The header names the heap
+sits on its heap, so the same call can pay thousands of faults in one process and none in the next (1-3
+µs each on this VM); the column says when a row's time includes them. The header names the heap
 policy the environment sets (``heap_policy``): ``MALLOC_TRIM_THRESHOLD_=2000000000
 MALLOC_MMAP_THRESHOLD_=2000000000`` keeps freed memory, as a training loop's steady state does (a Mamba block's
 step takes no faults here), and so times the kernels without the faults of isolated calls.
