@@ -78,18 +78,16 @@ def machine_header(device: str) -> str:
     return "\n".join(lines)
 
 
-# glibc's malloc tunables that decide whether freed tensors go back to the OS (see the module docstring).
-_HEAP_TUNABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+# What decides whether freed tensors go back to the OS (see the module docstring): glibc's malloc tunables, or
+# another allocator preloaded in its place.
+_HEAP_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def heap_policy() -> str:
     """How the C heap treats freed memory in this run, as far as the environment sets it: the same kernels
     page-fault on every call under glibc's defaults and not at all with trimming off, so CPU timings name it."""
-    found = [f"{k}={os.environ[k]}" for k in _HEAP_TUNABLES if k in os.environ]
-    if found:
-        return "heap: " + ", ".join(found)
-    preload = os.environ.get("LD_PRELOAD", "")
-    return f"heap: LD_PRELOAD={preload}" if preload else "heap: the C library's defaults"
+    found = [f"{k}={os.environ[k]}" for k in _HEAP_SETTINGS if os.environ.get(k)]
+    return "heap: " + (", ".join(found) if found else "the C library's defaults")
 
 
 @dataclass
