@@ -2,7 +2,8 @@
 
 Semantics of ``mamba_ssm.ops.triton.selective_state_update.selective_state_update`` (Mamba-1 shapes),
 plus an optional state mask; works on compacted states (any N). CPU tensors run the C++ kernel
-(``backend="cpu"``); ``selective_state_update_ref`` is the pure-PyTorch reference.
+(``backend="cpu"``), CUDA tensors the Triton kernel (``backend="triton"``);
+``selective_state_update_ref`` is the pure-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .selective_scan import cpu as cpu_backend
+from .selective_scan import triton as triton_backend
 from .selective_scan.inputs import ACTIVATION_DTYPES, PARAM_DTYPES, check_writable
 
 
@@ -152,8 +154,9 @@ def selective_state_update(
         dt_softplus: apply softplus to ``dt + dt_bias``.
         state_mask: optional bool ``(N,)`` or ``(D, N)``; masked states are set to 0 and contribute nothing
             (with a per-channel mask the C++ kernel visits kept states only).
-        backend: ``"auto"`` (the C++ kernel for CPU tensors it supports, else the reference), ``"cpu"``
-            (raises if it cannot run) or ``"reference"``.
+        backend: ``"auto"`` (the C++ kernel for CPU tensors it supports, the Triton kernel for CUDA tensors
+            when triton is installed, else the reference), ``"cpu"`` or ``"triton"`` (each raises if it
+            cannot run these inputs) or ``"reference"``.
     Returns:
         ``(Bt, D)`` output in x's dtype.
 
@@ -161,20 +164,25 @@ def selective_state_update(
     goes straight to the C++ kernel, whose checks run before anything is written; any input it refuses
     takes the full path below, which raises the precise error or picks the reference.
     """
-    if state_mask is None and (backend == "auto" or backend == "cpu"):
+    cpu_state = isinstance(state, Tensor) and state.device.type == "cpu"
+    if state_mask is None and cpu_state and (backend == "auto" or backend == "cpu"):
         out = cpu_backend.try_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         if out is not None:
             return out
     args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    if backend not in ("auto", "cpu", "reference"):
-        raise ValueError(f"backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
+    if backend not in ("auto", "cpu", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'cpu', 'triton' or 'reference', got {backend!r}")
     if backend == "reference":
         return selective_state_update_ref(*args, state_mask=state_mask)
     check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias, state_mask)
     tensors = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
-    reason = cpu_backend.state_update_unavailable_reason(tensors)
-    if reason is None:
-        return cpu_backend.state_update(*args, state_mask)
-    if backend == "cpu":
-        raise RuntimeError(f"selective_state_update backend='cpu' cannot run these inputs: {reason}")
-    return selective_state_update_ref(*args, state_mask=state_mask)
+    # auto: the C++ kernel on a CPU, Triton on a GPU (never Triton's interpreter: it is for tests).
+    kernels = {"cpu": cpu_backend, "triton": triton_backend}
+    if backend == "auto":
+        backend = "cpu" if cpu_state else "triton"
+        if kernels[backend].state_update_unavailable_reason(tensors) is not None:
+            return selective_state_update_ref(*args, state_mask=state_mask)
+    reason = kernels[backend].state_update_unavailable_reason(tensors)
+    if reason is not None:
+        raise RuntimeError(f"selective_state_update backend={backend!r} cannot run these inputs: {reason}")
+    return kernels[backend].state_update(*args, state_mask)

@@ -5,6 +5,9 @@ launch) -> custom ops ``compressm::selective_scan_fwd_triton`` / ``..._bwd_trito
 implementations, so ``torch.compile`` traces through them) -> ``_TritonScan`` (autograd) -> ``scan``
 (the dispatcher's backend protocol).
 
+The decode step (``state_update``) has its own launcher and custom op
+``compressm::selective_state_update_triton``.
+
 Eligible on CUDA tensors when triton imports, and on CPU tensors only under ``TRITON_INTERPRET=1``
 (set before triton is imported; correct but very slow, for tests). float64 is not supported.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -81,21 +84,30 @@ def launch_config(dim: int, seqlen: int, group_size: int) -> LaunchConfig:
     return LaunchConfig(block_d, cfg.chunk, cfg.fwd_warps, cfg.bwd_warps)
 
 
-def unavailable_reason(x: ScanInputs) -> str | None:
-    """Why the Triton kernels cannot run ``x`` (``None`` if they can)."""
+def _unavailable_reason(device: torch.device, tensors: Iterable[Tensor]) -> str | None:
     if _kernels is None:
         return f"triton is not importable ({_IMPORT_ERROR}); install it with `pip install triton`"
-    if x.device.type == "cpu":
+    if device.type == "cpu":
         if not _kernels.INTERPRETED:
             return ("Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before "
                     "triton is imported (slow; meant for tests)")
-    elif x.device.type != "cuda":
-        return f"Triton kernels need CUDA tensors, got {x.device.type}"
+    elif device.type != "cuda":
+        return f"Triton kernels need CUDA tensors, got {device.type}"
     elif _kernels.INTERPRETED or env.triton_interpret():
         return "TRITON_INTERPRET=1 is set, so Triton cannot run CUDA tensors; unset it"
-    if any(t.dtype == torch.float64 for t in x.tensors()):
+    if any(t.dtype == torch.float64 for t in tensors):
         return "float64 is not supported by the Triton kernels; use backend='reference'"
     return None
+
+
+def unavailable_reason(x: ScanInputs) -> str | None:
+    """Why the Triton kernels cannot run ``x`` (``None`` if they can)."""
+    return _unavailable_reason(x.device, x.tensors())
+
+
+def state_update_unavailable_reason(tensors: dict[str, Tensor | None]) -> str | None:
+    """Why the Triton decode step cannot run these ``selective_state_update`` arguments (``None`` if it can)."""
+    return _unavailable_reason(tensors["state"].device, [t for t in tensors.values() if t is not None])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,3 +303,72 @@ def scan(x: ScanInputs) -> tuple[Tensor, Tensor | None]:
     out, last = _TritonScan.apply(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, kept, ranks,
                                   x.delta_softplus, mode, save, cfg)
     return out, (last if x.return_last_state else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decode step
+
+# State elements per program: the (BLOCK_D, BLOCK_N) tile is 16 fp32 values per thread of four warps. Not yet
+# tuned on a GPU (``python -m bench decode --device cuda`` times it against mamba_ssm's Triton step).
+_STEP_TILE = 2048
+
+
+def _bc_step(t: Tensor) -> tuple[int, tuple[int, int, int]]:
+    """Channels per group and (batch, group, state) strides of a decode step's B/C, ``(Bt, N)`` or ``(Bt, G, N)``."""
+    if t.dim() == 2:
+        return 0, (t.stride(0), 0, t.stride(1))
+    return t.shape[1], (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                         z: Tensor | None, dt_bias: Tensor | None, state_mask: Tensor | None,
+                         dt_softplus: bool) -> Tensor:
+    batch, dim, dstate = state.shape
+    out = x.new_empty(batch, dim)
+    groups_b, s_b = _bc_step(B)
+    groups_c, s_c = _bc_step(C)
+    mask_strides = (0, 0)
+    if state_mask is not None:
+        mask_strides = (0, state_mask.stride(0)) if state_mask.dim() == 1 else state_mask.stride()
+    block_n = 1 << (dstate - 1).bit_length()  # the kernel's BLOCK_N
+    block_d = min(1 << (dim - 1).bit_length(), max(1, _STEP_TILE // block_n))
+    _kernels.state_update_kernel[(_cdiv(dim, block_d), batch)](
+        state, x, dt, A, B, C, D, z, dt_bias, state_mask, out,
+        dim, dstate, dim // groups_b if groups_b else dim, dim // groups_c if groups_c else dim,
+        *state.stride(), *x.stride(), *dt.stride(), *(z.stride() if z is not None else (0, 0)), *A.stride(),
+        *s_b, *s_c, *mask_strides,
+        SOFTPLUS=dt_softplus, BLOCK_D=block_d,
+    )
+    return out
+
+
+@torch.library.custom_op("compressm::selective_state_update_triton", mutates_args=("state",))
+def selective_state_update_triton(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    state_mask: Tensor | None,
+    dt_softplus: bool,
+) -> Tensor:
+    """The decode step: ``state`` advanced in place, returns the ``(Bt, D)`` output in x's dtype."""
+    return _launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, state_mask, dt_softplus)
+
+
+@selective_state_update_triton.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, state_mask, dt_softplus):
+    return x.new_empty(state.shape[0], state.shape[1])
+
+
+def state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                 z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, state_mask: Tensor | None) -> Tensor:
+    """The Triton decode step on validated inputs (``state`` updated in place)."""
+    args = (state, x, dt, A, B, C, D, z, dt_bias, state_mask, bool(dt_softplus))
+    if torch.compiler.is_compiling():
+        return selective_state_update_triton(*args)
+    return _launch_state_update(*args)  # eager: the custom-op wrapper would cost more than the step

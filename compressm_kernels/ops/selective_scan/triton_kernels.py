@@ -1,4 +1,4 @@
-"""Triton kernels of the selective scan (MATH.md §1): one forward, one backward.
+"""Triton kernels of the selective scan (MATH.md §1): one forward, one backward, and the decode step.
 
 Decomposition (the one mamba's CUDA kernel uses, in tiles): a program owns one batch row and a tile of
 ``BLOCK_D`` channels, walks L in chunks of ``CHUNK`` steps and, inside a chunk, loops over its states
@@ -21,6 +21,11 @@ N is a runtime value: the only compile-time size derived from it is ``BLOCK_N =
 next_power_of_2(N)`` (the width of the register tiles holding the per-state carries), so a new N
 recompiles only when it crosses a power of two; N, L and the sizes are excluded from Triton's
 integer specialisation.
+
+The decode step (``state_update_kernel``) is one token: a program owns one batch row and ``BLOCK_D``
+channels, loads their whole ``(BLOCK_D, BLOCK_N)`` state tile, advances it, writes it back in place and
+reduces ``C·h`` over states. It reads and writes every state once, so it is bound by the state's memory
+traffic; a mask only zeroes the masked states (they must be written as 0 anyway).
 """
 
 from __future__ import annotations
@@ -346,3 +351,52 @@ def scan_bwd_kernel(
         tl.store(dD_ptr + row, dD_acc, mask=d_ok)
     if HAS_BIAS:
         tl.store(dbias_ptr + row, dbias_acc, mask=d_ok)
+
+
+_STEP_SIZES = ["dim", "N", "group_size_b", "group_size_c"]
+
+
+@triton.heuristics(_flags({"HAS_MASK": lambda a: a["mask_ptr"] is not None}))
+@triton.jit(do_not_specialize=_STEP_SIZES)
+def state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, mask_ptr, out_ptr,
+    dim, N, group_size_b, group_size_c,
+    s_h_b, s_h_d, s_h_n, s_x_b, s_x_d, s_dt_b, s_dt_d, s_z_b, s_z_d, s_A_d, s_A_n,
+    s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_m_d, s_m_n,
+    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < dim
+    ok = d_ok[:, None] & (offs_n < N)[None, :]
+
+    x = tl.load(x_ptr + b * s_x_b + offs_d * s_x_d, mask=d_ok, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + b * s_dt_b + offs_d * s_dt_d, mask=d_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    h_ptrs = state_ptr + b * s_h_b + offs_d[:, None] * s_h_d + offs_n[None, :] * s_h_n
+    h = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=ok, other=0.0)
+    # Each channel reads its group's row of B and C (a (Bt, N) B is one group of all D channels).
+    g_b = (offs_d // group_size_b)[:, None]
+    g_c = (offs_d // group_size_c)[:, None]
+    Bv = tl.load(B_ptr + b * s_B_b + g_b * s_B_g + offs_n[None, :] * s_B_n, mask=ok, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * s_C_b + g_c * s_C_g + offs_n[None, :] * s_C_n, mask=ok, other=0.0).to(tl.float32)
+
+    h = tl.exp2(dt[:, None] * A * _LOG2E) * h + (dt * x)[:, None] * Bv
+    if HAS_MASK:  # a masked state is 0: it neither carries nor contributes
+        keep = tl.load(mask_ptr + offs_d[:, None] * s_m_d + offs_n[None, :] * s_m_n, mask=ok, other=0)
+        h = tl.where(keep != 0, h, 0.0)
+    tl.store(h_ptrs, h.to(state_ptr.dtype.element_ty), mask=ok)
+
+    y = tl.sum(h * Cv, axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32) * x
+    if HAS_Z:
+        zv = tl.load(z_ptr + b * s_z_b + offs_d * s_z_d, mask=d_ok, other=0.0).to(tl.float32)
+        y = y * zv * tl.sigmoid(zv)
+    tl.store(out_ptr + b * dim + offs_d, y.to(out_ptr.dtype.element_ty), mask=d_ok)
