@@ -9,7 +9,8 @@ the Mamba block's configuration), so a step of a few microseconds is not lost in
 D and dt_bias, as ``Mamba2.step`` passes them (expanded views, no z: its gate goes to the norm); ``cpu`` then
 runs the route ``integrations.mamba_ssm.install()`` gives that step.
 ``tok/s`` = Bt / (time per step): the tokens one layer of this width decodes per second. Backends:
-``reference`` (our torch ``selective_state_update_ref``), ``cpu`` (the C++ kernel), ``mamba_ref``
+``reference`` (our torch ``selective_state_update_ref``), ``cpu`` (the C++ kernel), ``triton`` (our Triton
+kernel, CUDA only), ``mamba_ref``
 (mamba_ssm's torch ``selective_state_update_ref``), ``hf`` (transformers' torch
 ``mamba_selective_state_update``) and ``mamba`` (mamba_ssm's Triton ``selective_state_update``, CUDA only).
 Ratios are to the baseline measured in the same run: the first of mamba, mamba_ref, reference that can run.
@@ -25,11 +26,12 @@ import torch
 from compressm_kernels import selective_state_update, selective_state_update_ref
 from compressm_kernels.integrations.mamba_ssm_ssd import multi_head_state_update
 from compressm_kernels.ops.selective_scan import cpu as cpu_backend
+from compressm_kernels.ops.selective_scan import triton as triton_backend
 
 from .harness import Bench, publish, with_flags
 from .scan import allow_mamba_ssm_import
 
-BACKENDS = ("reference", "cpu", "mamba_ref", "hf", "mamba")
+BACKENDS = ("reference", "cpu", "triton", "mamba_ref", "hf", "mamba")
 STEP_ARGS = ("state", "x", "dt", "A", "B", "C", "D")
 BASELINE_ORDER = ("mamba", "mamba_ref", "reference")
 SIZES = {
@@ -60,6 +62,13 @@ def step_fn(backend: str, t: dict) -> Callable[[], object] | str:
         reason = cpu_backend.state_update_unavailable_reason(t)
         if reason or not multi_head:
             return reason or (lambda: selective_state_update(*args, t["z"], t["dt_bias"], True, backend="cpu"))
+        return lambda: multi_head_state_update(*args, t["z"], t["dt_bias"], True)
+    if backend == "triton":
+        if t["state"].device.type != "cuda":  # on a CPU only Triton's interpreter, which is for tests
+            return "our Triton step needs a CUDA device"
+        reason = triton_backend.state_update_unavailable_reason(t)
+        if reason or not multi_head:
+            return reason or (lambda: selective_state_update(*args, t["z"], t["dt_bias"], True, backend="triton"))
         return lambda: multi_head_state_update(*args, t["z"], t["dt_bias"], True)
     if backend == "mamba_ref":
         allow_mamba_ssm_import()

@@ -237,9 +237,10 @@ def multi_head_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
     An A expanded along N (one value per head) gets one decay per channel, not one per state."""
     # The kernel flattens the heads itself and checks every argument before it writes the state; on a refusal
     # (or with no kernel) the checks below say what is wrong, or the reference step runs.
-    out = cpu_backend.try_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, multi_head=True)
-    if out is not None:
-        return out
+    if state.device.type == "cpu":
+        out = cpu_backend.try_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, multi_head=True)
+        if out is not None:
+            return out
     batch, nheads, headdim, dstate = state.shape
     channels = nheads * headdim
     expected = {"x": (batch, nheads, headdim), "dt": (batch, nheads, headdim), "A": (nheads, headdim, dstate),

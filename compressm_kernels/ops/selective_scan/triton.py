@@ -325,6 +325,8 @@ def _launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Ten
                          dt_softplus: bool) -> Tensor:
     batch, dim, dstate = state.shape
     out = x.new_empty(batch, dim)
+    if out.numel() == 0:  # an empty grid is not launched
+        return out
     groups_b, s_b = _bc_step(B)
     groups_c, s_c = _bc_step(C)
     mask_strides = (0, 0)
