@@ -308,9 +308,14 @@ def scan(x: ScanInputs) -> tuple[Tensor, Tensor | None]:
 # ---------------------------------------------------------------------------------------------------
 # The decode step
 
-# State elements per program: the (BLOCK_D, BLOCK_N) tile is 16 fp32 values per thread of four warps. Not yet
-# tuned on a GPU (``python -m bench decode --device cuda`` times it against mamba_ssm's Triton step).
-_STEP_TILE = 2048
+
+def step_config(dim: int, dstate: int) -> tuple[int, int]:
+    """``(BLOCK_D, num_warps)`` of the decode step: a (BLOCK_D, BLOCK_N) state tile of four fp32 values per thread
+    (mamba_ssm's step uses the same tiles; ptxas for sm_90: 32-48 registers, no spills). Not yet tuned on a GPU
+    (``python -m bench decode --device cuda`` times it against mamba_ssm's Triton step)."""
+    block_n = 1 << (dstate - 1).bit_length()  # the kernel's BLOCK_N
+    warps = 4 if block_n <= 128 else 8
+    return min(1 << (dim - 1).bit_length(), max(1, 128 * warps // block_n)), warps
 
 
 def _bc_step(t: Tensor) -> tuple[int, tuple[int, int, int]]:
@@ -332,14 +337,13 @@ def _launch_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Ten
     mask_strides = (0, 0)
     if state_mask is not None:
         mask_strides = (0, state_mask.stride(0)) if state_mask.dim() == 1 else state_mask.stride()
-    block_n = 1 << (dstate - 1).bit_length()  # the kernel's BLOCK_N
-    block_d = min(1 << (dim - 1).bit_length(), max(1, _STEP_TILE // block_n))
+    block_d, warps = step_config(dim, dstate)
     _kernels.state_update_kernel[(_cdiv(dim, block_d), batch)](
         state, x, dt, A, B, C, D, z, dt_bias, state_mask, out,
         dim, dstate, dim // groups_b if groups_b else dim, dim // groups_c if groups_c else dim,
         *state.stride(), *x.stride(), *dt.stride(), *(z.stride() if z is not None else (0, 0)), *A.stride(),
         *s_b, *s_c, *mask_strides,
-        SOFTPLUS=dt_softplus, BLOCK_D=block_d,
+        SOFTPLUS=dt_softplus, BLOCK_D=block_d, num_warps=warps,
     )
     return out
 
