@@ -67,7 +67,8 @@ tail -n 3 "$OUT/build.log"
 XDIST=()
 if "$PY" -c 'import xdist' 2>/dev/null; then XDIST=(-n 8); fi
 run_step tests 150 "$OUT/tests.log" "$PY" -m pytest tests/test_gpu_scans.py tests/test_gpu_models.py \
-  tests/test_cuda_extension.py tests/test_triton_scan.py tests/test_triton_state_update.py -q -rs --maxfail=10 \
+  tests/test_cuda_extension.py tests/test_triton_scan.py tests/test_triton_state_update.py \
+  tests/test_state_update_kernels.py -q -rs --maxfail=10 \
   "${XDIST[@]}"
 
 # Out-of-bounds or misaligned accesses and shared-memory races that the value checks could miss.

@@ -102,6 +102,36 @@ def make_inputs(case: Case, seed: int = 0, device="cpu") -> dict[str, Tensor | b
 TENSOR_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
+def step_inputs(batch=2, dim=6, dstate=13, groups=0, dtype=torch.float32, seed=0, flags=True,
+                device="cpu") -> dict[str, Tensor | bool | None]:
+    """One decode step's ``selective_state_update`` arguments: fp32 state and A, the rest in ``dtype``; B/C
+    ``(Bt, N)`` or with ``groups`` ``(Bt, G, N)``; ``flags``: D, z, dt_bias and softplus."""
+    gen = torch.Generator().manual_seed(seed)
+    bc_shape = (batch, groups, dstate) if groups else (batch, dstate)
+    inputs = {
+        "state": torch.randn(batch, dim, dstate, generator=gen),
+        "x": torch.randn(batch, dim, generator=gen).to(dtype),
+        "dt": (0.5 * torch.randn(batch, dim, generator=gen) - 1).to(dtype),
+        "A": -torch.exp(0.5 * torch.randn(dim, dstate, generator=gen)),
+        "B": torch.randn(bc_shape, generator=gen).to(dtype),
+        "C": torch.randn(bc_shape, generator=gen).to(dtype),
+        "D": torch.randn(dim, generator=gen) if flags else None,
+        "z": torch.randn(batch, dim, generator=gen).to(dtype) if flags else None,
+        "dt_bias": 0.3 * torch.randn(dim, generator=gen) if flags else None,
+    }
+    return {k: (v.to(device) if v is not None else None) for k, v in inputs.items()} | {"dt_softplus": flags}
+
+
+def step_mask(kind: str, dim: int, dstate: int, device="cpu") -> Tensor | None:
+    """A decode step's state mask: ``"none"``, ``"shared"`` ``(N,)`` or ``"per_channel"`` ``(D, N)``, state 0 kept."""
+    if kind == "none":
+        return None
+    mask = torch.rand((dim, dstate) if kind == "per_channel" else (dstate,),
+                      generator=torch.Generator().manual_seed(1)) > 0.5
+    mask[..., 0] = True
+    return mask.to(device)
+
+
 def run_with_grads(fn, inputs: dict, seed: int = 1, cotangents: tuple[Tensor, ...] | None = None,
                    **kwargs) -> dict[str, Tensor]:
     """Call ``fn(**inputs, **kwargs)`` and backprop ``cotangents`` (random ones from ``seed`` if not
