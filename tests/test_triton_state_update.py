@@ -48,3 +48,31 @@ def test_decode_op_passes_opcheck() -> None:
             step_mask("per_channel", 6, 5, DEVICE), True)
     torch.library.opcheck(triton_backend.selective_state_update_triton, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_step_traces_under_torch_compile() -> None:
+    # fullgraph: the dispatcher's checks trace, and the step is the custom op, whose schema declares the state
+    # it writes (so the compiled graph keeps the in-place update).
+    inputs = step_inputs(dstate=6, device=DEVICE)
+    mask = step_mask("per_channel", 6, 6, DEVICE)
+
+    def step(state, x):
+        args = dict(inputs, state=state, x=x)
+        return selective_state_update(**args, state_mask=mask, backend="triton") * 2
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops = set()
+
+    def record(gm, _):  # a mutating op is traced as auto_functionalized(op, ...)
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        ops.update(str(n.args[0] if "auto_functionalized" in str(n.target) else n.target) for n in calls)
+        return gm
+
+    ref_state = inputs["state"].clone()
+    ref = step(ref_state, inputs["x"])
+    state = inputs["state"].clone()
+    out = torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=record))(state, inputs["x"])
+    assert_close(out, ref, torch.float32, "out")
+    assert_close(state, ref_state, torch.float32, "state")
+    assert "compressm.selective_state_update_triton.default" in ops, ops
