@@ -42,9 +42,10 @@ NO_MASK, SHARED_MASK, PER_CHANNEL_MASK = 0, 1, 2
 class LaunchConfig:
     """Tile sizes: ``block_d`` channels per program, ``chunk`` steps per scan (both powers of two).
 
-    The default keeps 4 elements of each (block_d, chunk) tile per thread: compiled for sm_90 (ptxas)
-    it needs 91 registers forward and 140 backward with no spills at N=16, where block_d=4 spilled
-    in the backward. Not yet tuned on a GPU: ``python -m bench scan --triton-config`` sweeps it."""
+    The default keeps 4 elements of each (block_d, chunk) tile per thread: compiled for sm_90 (ptxas,
+    triton 3.8) it needs 91-95 registers forward and 147-168 backward at N = 16-256, with no spills but
+    8 bytes in the backward at N = 64; block_d=4 spilled in the backward. Not yet tuned on a GPU:
+    ``python -m bench scan --triton-config`` sweeps it."""
 
     block_d: int = 2
     chunk: int = 256
