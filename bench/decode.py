@@ -58,18 +58,13 @@ def step_fn(backend: str, t: dict) -> Callable[[], object] | str:
     if backend == "reference":
         flat = flat_heads(t) if multi_head else t  # views of the same state, built before the timing
         return lambda: selective_state_update_ref(*(flat[k] for k in STEP_ARGS), flat["z"], flat["dt_bias"], True)
-    if backend == "cpu":
-        reason = cpu_backend.state_update_unavailable_reason(t)
-        if reason or not multi_head:
-            return reason or (lambda: selective_state_update(*args, t["z"], t["dt_bias"], True, backend="cpu"))
-        return lambda: multi_head_state_update(*args, t["z"], t["dt_bias"], True)
-    if backend == "triton":
-        if t["state"].device.type != "cuda":  # on a CPU only Triton's interpreter, which is for tests
+    if backend in ("cpu", "triton"):
+        if backend == "triton" and t["state"].device.type != "cuda":  # on a CPU only the interpreter, for tests
             return "our Triton step needs a CUDA device"
-        reason = triton_backend.state_update_unavailable_reason(t)
+        reason = {"cpu": cpu_backend, "triton": triton_backend}[backend].state_update_unavailable_reason(t)
         if reason or not multi_head:
-            return reason or (lambda: selective_state_update(*args, t["z"], t["dt_bias"], True, backend="triton"))
-        return lambda: multi_head_state_update(*args, t["z"], t["dt_bias"], True)
+            return reason or (lambda: selective_state_update(*args, t["z"], t["dt_bias"], True, backend=backend))
+        return lambda: multi_head_state_update(*args, t["z"], t["dt_bias"], True)  # auto: this backend
     if backend == "mamba_ref":
         allow_mamba_ssm_import()
         try:

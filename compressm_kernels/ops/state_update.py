@@ -177,12 +177,11 @@ def selective_state_update(
     check_state_update_inputs(state, x, dt, A, B, C, D, z, dt_bias, state_mask)
     tensors = {"state": state, "x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias}
     # auto: the C++ kernel on a CPU, Triton on a GPU (never Triton's interpreter: it is for tests).
-    kernels = {"cpu": cpu_backend, "triton": triton_backend}
+    kernel = backend if backend != "auto" else "cpu" if cpu_state else "triton"
+    module = {"cpu": cpu_backend, "triton": triton_backend}[kernel]
+    reason = module.state_update_unavailable_reason(tensors)
+    if reason is None:
+        return module.state_update(*args, state_mask)
     if backend == "auto":
-        backend = "cpu" if cpu_state else "triton"
-        if kernels[backend].state_update_unavailable_reason(tensors) is not None:
-            return selective_state_update_ref(*args, state_mask=state_mask)
-    reason = kernels[backend].state_update_unavailable_reason(tensors)
-    if reason is not None:
-        raise RuntimeError(f"selective_state_update backend={backend!r} cannot run these inputs: {reason}")
-    return kernels[backend].state_update(*args, state_mask)
+        return selective_state_update_ref(*args, state_mask=state_mask)
+    raise RuntimeError(f"selective_state_update backend={backend!r} cannot run these inputs: {reason}")
