@@ -119,12 +119,12 @@ typedef unsigned v8u __attribute__((vector_size(32)));
 }  // namespace compressm::cpu
 
 template <>
-struct compressm::UnsignedOf<compressm::cpu::v8f> {  // exp_f32 and exp_table on eight lanes
+struct compressm::UnsignedOf<compressm::cpu::v8f> {  // exp_f32 and exp_eighths on eight lanes
   using type = compressm::cpu::v8u;
 };
 
 template <>
-struct compressm::Exp2Eighths<compressm::cpu::v8f, compressm::cpu::v8u> {  // exp_table's table: one permute
+struct compressm::Exp2Eighths<compressm::cpu::v8f, compressm::cpu::v8u> {  // exp_eighths' table: one permute
   __attribute__((always_inline)) static compressm::cpu::v8f at(compressm::cpu::v8u j) {
     const compressm::cpu::v8f table = {kExp2Eighths[0], kExp2Eighths[1], kExp2Eighths[2], kExp2Eighths[3],
                                        kExp2Eighths[4], kExp2Eighths[5], kExp2Eighths[6], kExp2Eighths[7]};
@@ -186,23 +186,20 @@ COMPRESSM_ALWAYS_INLINE v8i tail_lanes(int tail) {
   return lane >= 8 - tail;
 }
 
-// States [0, 8) of rows h, A, B advanced by one step: decay exp(Δ·A) per state (dl = Δ), or the shared ā
-// (kShared: dl = ā, A unread).
+// States [0, 8) of rows h, A, B advanced by one step: decay exp(Δ·A) per state (dl = Δ·kEighthsPerNat), or the
+// shared ā (kShared: dl = ā, A unread).
 template <bool kShared>
 COMPRESSM_ALWAYS_INLINE v8f step8(const float* h, v8f dl, const float* A, v8f dx, const float* B) {
-  if constexpr (kShared) {
-    return forward_step_decayed(load8(h), dl, dx, load8(B));
-  } else {
-    return forward_step(load8(h), dl, load8(A), dx, load8(B));
-  }
+  const v8f a = kShared ? dl : decay_scaled(dl, load8(A));
+  return forward_step_decayed(load8(h), a, dx, load8(B));
 }
 
 // r states (f32 rows A, B, C, h) advanced by one step, h in place; returns C·h folded to eight lanes. Explicit
 // 8-lane code, so the products go straight into the lane sums. The states are ceil(r / 8) vectors, the last one
 // at r - 8: when r is not a multiple of 8 it overlaps the one before, so it is computed from the old h first and
 // stored last, and only its new lanes are summed. kV > 0: that vector count known at compile time (unrolled),
-// and kExact: r = 8·kV; kV = 0: any r. kShared: the states share one A (Mamba-2's heads) and `delta` is their
-// decay ā = exp(Δ·A) itself, A unread. (The decode step reads the caller's rows in place, so it cannot pad them
+// and kExact: r = 8·kV; kV = 0: any r. `delta` is Δ·kEighthsPerNat (decay_scaled), or with kShared (the states
+// share one A, as Mamba-2's heads do) their decay ā = exp(Δ·A) itself, A unread. (The decode step reads the caller's rows in place, so it cannot pad them
 // as the scan does.)
 template <int kV, bool kExact = false, bool kShared = false>
 COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float delta_x, const float* __restrict A,
@@ -213,8 +210,7 @@ COMPRESSM_ALWAYS_INLINE v8f advance_states(int r_runtime, float delta, float del
   if (kV <= 1 && r < 8) {  // fewer states than lanes: a scalar loop (a vector would be all epilogue), sum in lane 0
     float sum = 0.0f;
     for (int k = 0; k < r; ++k) {
-      const float hk = kShared ? forward_step_decayed(h[k], delta, delta_x, B[k])
-                               : forward_step(h[k], delta, A[k], delta_x, B[k]);
+      const float hk = forward_step_decayed(h[k], kShared ? delta : decay_scaled(delta, A[k]), delta_x, B[k]);
       h[k] = hk;
       sum += C[k] * hk;
     }

@@ -33,7 +33,7 @@ COMPRESSM_ALWAYS_INLINE constexpr int round8(int n) { return (n + 7) & ~7; }
 // hist, y may be nullptr: the backward's recomputation needs Σ C h only for the z gate's gradient.
 struct ForwardArgs {
   int r, T;
-  const float* A;
+  const float* A;  // (rp,) A·kEighthsPerNat, for decay_scaled
   float* h;
   const float* delta;    // (T,) Δ_t
   const float* delta_u;  // (T,) Δ_t u_t
@@ -78,7 +78,7 @@ COMPRESSM_ALWAYS_INLINE void forward_block(const ForwardArgs& a, int k0, int rp,
     const float* C = a.C + t * a.ldc + k0;
     v8f acc = kFirst || !kY ? v8f{} : lanes[t];
     for (int j = 0; j < kV; ++j) {
-      const v8f a_t = kShared ? broadcast8(a.decay[t]) : decay(delta, A[j]);
+      const v8f a_t = kShared ? broadcast8(a.decay[t]) : decay_scaled(delta, A[j]);
       h[j] = forward_step_decayed(h[j], a_t, delta_u, load8(B + 8 * j));
       if constexpr (kHist) {
         const int64_t at = static_cast<int64_t>(t) * rp + k0 + 8 * j;
@@ -122,7 +122,7 @@ COMPRESSM_ALWAYS_INLINE void forward_through_memory(const ForwardArgs& a, int rp
     const float* C = a.C + t * a.ldc;
     v8f acc{};
     for (int k = 0; k < rp; k += 8) {
-      const v8f a_t = decay(delta, load8(a.A + k));
+      const v8f a_t = decay_scaled(delta, load8(a.A + k));
       const v8f hk = forward_step_decayed(load8(a.h + k), a_t, delta_u, load8(B + k));
       store8(a.h + k, hk);
       if constexpr (kHist) {
@@ -472,13 +472,13 @@ Rows variable_rows(const Operand& x, bool variable, int groups, int width, const
 // Per-thread working memory, sized once per thread. The (chunk, NP) rows are 64 KB each at N = 64, zeroed at
 // every call: only what the pass uses is allocated (the gathers only with a per-channel mask).
 struct Scratch {
-  std::vector<float> A, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;       // (NP,)
+  std::vector<float> A, A_scaled, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;  // (NP,)
   std::vector<float> delta, delta_grad, delta_u, decay, y, dy, ddelta, du, dz;  // (chunk,)
   std::vector<float> raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
   std::vector<float> hist, hist_decay, B_gather, C_gather, dB_gather, dC_gather;  // (chunk, NP)
 
   Scratch(int N, int chunk, bool backward, bool gather)
-      : A(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)), B_inv(round8(N)),
+      : A(round8(N)), A_scaled(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)), B_inv(round8(N)),
         C_inv(round8(N)), dB_inv(round8(N)), dC_inv(round8(N)), delta(chunk), delta_grad(chunk), delta_u(chunk),
         decay(chunk), y(chunk), dy(chunk), ddelta(chunk), du(chunk), dz(chunk), raw(chunk), u(chunk), z(chunk),
         dout(chunk) {
@@ -631,6 +631,8 @@ struct Channel {
       if (!p.c_variable) s.C_inv[k] = static_cast<const float*>(p.C.data)[d * p.C.stride0 + n * p.C.stride1];
     }
     for (int k = r; k < round8(r); ++k) s.A[k] = s.B_inv[k] = s.C_inv[k] = 0.0f;
+    // The forward's A, 8/ln2 folded in once per call (decay_scaled); the backward's gradients take A itself.
+    for (int k = 0; k < round8(r); ++k) s.A_scaled[k] = s.A[k] * kEighthsPerNat;
     shared_A = r > 1 && std::all_of(s.A.begin() + 1, s.A.begin() + r, [&](float A) { return A == s.A[0]; });
   }
   int state(int k) const { return kept ? kept[k] : k; }
@@ -697,7 +699,7 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
     const float* u = load_steps(p, ch, t0, T, false, s);
     const ChannelRows rows = channel_rows(B, C, p, b, d, t0, ch.r, ch.kept, T, s);
     float* y = steps_out(p.out, p.u.dtype, ch.dense + t0, s.y);
-    forward_core({ch.r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
+    forward_core({ch.r, T, s.A_scaled.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
                   rows.ldc, y, nullptr, ch.shared_A ? s.decay.data() : nullptr});
 
     float* carry = p.carries + ((static_cast<int64_t>(b) * p.dim + d) * n_chunks + c) * N;
@@ -749,7 +751,7 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     for (int k = 0; k < r; ++k) s.h_in[k] = c > 0 ? saved[ch.state(k)] : 0.0f;
     std::copy_n(s.h_in.begin(), rp, s.h.begin());
     // Σ C h (y) only for the z gate's gradient.
-    forward_core_hist({r, T, s.A.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
+    forward_core_hist({r, T, s.A_scaled.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
                        rows.ldc, p.z.data ? s.y.data() : nullptr, s.hist.data(),
                        ch.shared_A ? s.decay.data() : nullptr, s.hist_decay.data()});
 
@@ -946,7 +948,7 @@ COMPRESSM_DISPATCH(fold_lanes, FoldLanesArgs)
 // when given, every h_t and ā_t.
 struct PackedForwardArgs {
   int T;
-  const float* A;  // (8,) lanes
+  const float* A;  // (8,) lanes, A·kEighthsPerNat
   float* h;        // (8,) lanes, updated
   const float* delta;    // (T, 8) lane rows (pack_steps)
   const float* delta_u;
@@ -964,7 +966,7 @@ COMPRESSM_ALWAYS_INLINE void packed_forward(const PackedForwardArgs& a) {
   const v8f A = load8(a.A);
   v8f h = load8(a.h);
   for (int t = 0; t < a.T; ++t) {
-    const v8f a_t = decay(load8(a.delta + 8 * t), A);
+    const v8f a_t = decay_scaled(load8(a.delta + 8 * t), A);
     h = forward_step_decayed(h, a_t, load8(a.delta_u + 8 * t), load8(a.B + t * a.ldb));
     if constexpr (kHist) store8(a.hist + 8 * t, h), store8(a.hist_decay + 8 * t, a_t);
     a.lanes[t] = load8(a.C + t * a.ldc) * h;
@@ -1051,14 +1053,15 @@ struct PackScratch {
 struct Pack {
   int w, G, n;
   Channel ch[8];
-  alignas(32) float A[8] = {}, B_inv[8] = {}, C_inv[8] = {};
+  alignas(32) float A[8] = {}, A_scaled[8] = {}, B_inv[8] = {}, C_inv[8] = {};
 
   Pack(const ScanParams& p, int b, int d0, int w_, PackScratch& ps) : w(w_), G(8 / w_), n(std::min(G, p.dim - d0)) {
     for (int c = 0; c < n; ++c) {
       Scratch& s = ps.channels[c];
       ch[c] = Channel(p, b, d0 + c, s);
       for (int k = 0; k < p.dstate; ++k) {
-        A[c * w + k] = s.A[k], B_inv[c * w + k] = s.B_inv[k], C_inv[c * w + k] = s.C_inv[k];
+        A[c * w + k] = s.A[k], A_scaled[c * w + k] = s.A_scaled[k];
+        B_inv[c * w + k] = s.B_inv[k], C_inv[c * w + k] = s.C_inv[k];
       }
     }
   }
@@ -1102,7 +1105,7 @@ void pack_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int 
     const float* u[8];
     pack_load_steps(p, pk, t0, T, false, ps, u);
     const ChannelRows rows = pack_rows(B, C, p, pk, b, d0, t0);
-    packed_forward_core({T, pk.A, h, ps.delta.data(), ps.delta_u.data(), rows.B, rows.ldb, rows.C, rows.ldc,
+    packed_forward_core({T, pk.A_scaled, h, ps.delta.data(), ps.delta_u.data(), rows.B, rows.ldb, rows.C, rows.ldc,
                          lanes, nullptr});
     float* y[8];
     for (int i = 0; i < pk.G; ++i) {
@@ -1144,7 +1147,7 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
       std::copy_n(saved, N, h_in + i * w);
     }
     std::copy_n(h_in, 8, h);
-    packed_forward_core_hist({T, pk.A, h, ps.delta.data(), ps.delta_u.data(), rows.B, rows.ldb, rows.C, rows.ldc,
+    packed_forward_core_hist({T, pk.A_scaled, h, ps.delta.data(), ps.delta_u.data(), rows.B, rows.ldb, rows.C, rows.ldc,
                               lanes, ps.hist.data(), ps.hist_decay.data()});
     float* y[8];
     for (int i = 0; i < pk.G; ++i) y[i] = i < pk.n ? ps.channels[i].y.data() : ps.discard.data();

@@ -73,7 +73,8 @@ class GroupRow {
 
 // The common case: f32 state, B and C with unit stride along N, no per-channel mask. Each channel reads
 // its rows in place; lanes[i] = channel d0 + i's C·h folded to eight lanes. kV, kExact, kShared: as
-// advance_states; step[i] is channel d0 + i's Δ, or its ā with kShared (A then one value per channel, unread).
+// advance_states; step[i] is channel d0 + i's Δ·kEighthsPerNat, or its ā with kShared (A then one value per
+// channel, unread).
 // The channels go in runs that share their B and C rows (the whole block with one group), so the loop over
 // a run does no per-channel bookkeeping beyond two pointer increments (with Δ·x taken from the block's
 // array: 6-15 % faster than finding each channel's group rows and offsets).
@@ -111,8 +112,8 @@ COMPRESSM_ALWAYS_INLINE void channels_in_place_sized(const BlockArgs& a, const f
 
 // The common layout with fewer than eight states and contiguous rows: a channel's row would fill part of a
 // vector, so the block's n·N states are advanced as one flat array, eight at a time whatever channel each
-// belongs to, after laying out the per-state inputs the same way (Δ, or ā with kShared, and Δ·x by channel,
-// B and C by state). Writes y[0, n).
+// belongs to, after laying out the per-state inputs the same way (Δ·kEighthsPerNat, or ā with kShared, and Δ·x
+// by channel, B and C by state). Writes y[0, n).
 template <bool kShared>
 COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* step, const float* delta_x, float* y) {
   const StateUpdateParams& p = *a.p;
@@ -131,13 +132,13 @@ COMPRESSM_ALWAYS_INLINE void channels_flat(const BlockArgs& a, const float* step
   const float* A = p.A + static_cast<int64_t>(d0) * (kShared ? 1 : N);  // unread with kShared
   int e = 0;
   for (; e + 8 <= total; e += 8) {
-    const v8f hk = kShared ? forward_step_decayed(load8(h + e), load8(dl + e), load8(dx + e), load8(B + e))
-                           : forward_step(load8(h + e), load8(dl + e), load8(A + e), load8(dx + e), load8(B + e));
+    const v8f a_e = kShared ? load8(dl + e) : decay_scaled(load8(dl + e), load8(A + e));
+    const v8f hk = forward_step_decayed(load8(h + e), a_e, load8(dx + e), load8(B + e));
     store8(h + e, hk);
     store8(prod + e, load8(C + e) * hk);
   }
   for (; e < total; ++e) {  // the last total % 8 states
-    h[e] = kShared ? forward_step_decayed(h[e], dl[e], dx[e], B[e]) : forward_step(h[e], dl[e], A[e], dx[e], B[e]);
+    h[e] = forward_step_decayed(h[e], kShared ? dl[e] : decay_scaled(dl[e], A[e]), dx[e], B[e]);
     prod[e] = C[e] * h[e];
   }
   for (int i = 0; i < a.n; ++i) {
@@ -209,7 +210,7 @@ COMPRESSM_ALWAYS_INLINE void block_step_shared_or_not(const BlockArgs& a) {
   const StateUpdateParams& p = *a.p;
   const int b = a.b, d0 = a.d0, n = a.n;
   alignas(64) float x_buf[kBlock], dt_buf[kBlock], softplus_buf[kBlock], delta_x[kBlock], gate[kBlock], y_buf[kBlock];
-  alignas(64) float decay[kBlock], bias_buf[kBlock], A_buf[kBlock], D_buf[kBlock];
+  alignas(64) float decay[kBlock], bias_buf[kBlock], A_buf[kBlock], D_buf[kBlock], delta_scaled[kBlock];
   v8f lanes[kBlock];  // per channel, C·h folded to eight lanes
 
   // Per-channel scalars, vectorised across the block's channels.
@@ -234,8 +235,10 @@ COMPRESSM_ALWAYS_INLINE void block_step_shared_or_not(const BlockArgs& a) {
   if (kShared) {  // one ā per channel, vectorised across the block's channels
     const float* A = channel_values(p.A, p.A_per_head, p.headdim, d0, n, A_buf);
     for (int i = 0; i < n; ++i) decay[i] = exp_f32(delta[i] * A[i]);
+  } else {  // 8/ln2 folded into Δ once per channel, for the states' decay_scaled
+    for (int i = 0; i < n; ++i) delta_scaled[i] = delta[i] * kEighthsPerNat;
   }
-  const float* step = kShared ? decay : delta;  // what advance_states takes
+  const float* step = kShared ? decay : delta_scaled;  // what advance_states takes
 
   // The state loops, then Σ over states, into the output row itself when it is fp32.
   const int64_t out_off = static_cast<int64_t>(b) * p.dim + d0;

@@ -59,7 +59,7 @@ __attribute__((always_inline)) inline F round_capped(F x, float scale, uint32_t 
 }
 
 // exp(x) in fp32 on the host, for F = float or a GCC vector of floats (I: the unsigned type of that shape),
-// in the loops the compiler vectorises (softplus, silu; the decay has exp_table below). Cody-Waite range
+// in the loops the compiler vectorises (softplus, silu; the decay has exp_eighths below). Cody-Waite range
 // reduction x = k·ln2 + r, |r| <= ln2/2, and a degree-6 polynomial fitted for least maximum relative error on
 // that interval (2e-9; the result is within 1.05 ulp up to x = 88.37, against 0.93 for the degree-7 Taylor
 // polynomial it replaced at 12-19 % more time per scan; within 1e-5 up to the overflow to inf at 88.72).
@@ -178,7 +178,7 @@ COMPRESSM_HOST_DEVICE float discretize_grad(float delta_raw, float bias, bool so
   return softplus ? softplus_grad_f32(delta_raw + bias) : 1.0f;
 }
 
-// 2^(j/8) for j = 0..7, rounded to fp32: exp_table's table.
+// 2^(j/8) for j = 0..7, rounded to fp32: exp_eighths' table.
 constexpr float kExp2Eighths[8] = {1.0f,          1.09050774574f, 1.18920707703f, 1.29683959484f,
                                    1.41421353817f, 1.54221081734f, 1.68179285526f, 1.83400809765f};
 
@@ -188,44 +188,53 @@ struct Exp2Eighths {
   static F at(I j) { return kExp2Eighths[j & 7]; }
 };
 
-// exp(x) in fp32 on the host for the decay ā = exp(Δ·A), the scans' and the decode step's hottest function
-// (F, I: as exp_poly). x = n·ln2/8 + r with n = 8k + j and |r| <= ln2/16 (Cody-Waite), so exp(x) = 2^k ·
-// 2^(j/8) · (1 + s): 2^(j/8) from a table with k added to its exponent field, s = r + a2·r^2 + a3·r^3 fitted
-// for least maximum relative error on that interval (3e-8) and evaluated as r^2·(a2 + a3·r) + r (two short
-// chains instead of Horner's one long one: 5 % off a decode step at N = 64), and T + T·s rounded once. Within
-// 1.14 ulp up to x = 88.68 with FMA, 1.35 without (exp_poly: 1.05 ulp), with half of exp_poly's polynomial:
-// 7.3 instead of 8.4 cycles per 8 states of a decode step. Not for loops the compiler vectorises (the table
-// would become a gather): those use exp_poly.
+// 8/ln2: the CPU kernels fold it into Δ or A once (per token or per call), so the decay's exp takes its
+// argument in eighths of ln2 (exp_eighths) and needs no range-reduction multiply. mamba_ssm's CUDA kernel
+// folds log2(e) into A the same way for exp2f.
+constexpr float kEighthsPerNat = 11.5415601730f;
+
+// exp(y·ln2/8) in fp32 on the host: the decay ā = exp(Δ·A) with y = Δ·A·8/ln2, the scans' and the decode step's
+// hottest function (F, I: as exp_poly). y = n + r with n = 8k + j and |r| <= 1/2 (r = y - n is exact), so
+// ā = 2^k · 2^(j/8) · (1 + s): 2^(j/8) from a table with k added to its exponent field, s = r·(c1 + r·(c2 + c3·r))
+// (a cubic fitted for least maximum relative error, in units of ln2/8: 3e-8), and T + (T·r)·(...) rounded once.
+// Within 1.14 ulp of exp(y·ln2/8) up to y = 1023 with FMA, 1.35 without. Against the exact exp(Δ·A), folding
+// adds the roundings of 8/ln2 and of the folded operand to that of the product (each |Δ·A|·2^-24 relative at
+// most): 2.3 ulp at most for |Δ·A| <= 1 (1.5 for exp of the fp32 Δ·A reduced by Cody-Waite), 16 against 9 for
+// |Δ·A| <= 10, where ā < 5e-5 (measured on 4·10^6 random Δ, A). In exchange three of the ~11 FMA-pipe operations
+// per 8 states go: a decode step 6-22 %, a scan forward 7-18 % faster. Not for loops the compiler vectorises (the
+// table would become a gather): those use exp_poly.
 template <typename F, typename I>
-__attribute__((always_inline)) inline F exp_table(F x) {
-  const F lo = F{} - 87.33f;  // exp(lo) ~ FLT_MIN
-  // n = round(x·8/ln2) <= 1023 (k <= 127), so 2^k · T stays finite and T·(1 + s) overflows to inf where exp
-  // does; r keeps x unclamped.
+__attribute__((always_inline)) inline F exp_eighths(F y) {
+  const F lo = F{} - 1007.92f;  // exp(-87.33) ~ FLT_MIN
+  // n = round(y) <= 1023 (k <= 127), so 2^k · T stays finite and T·(1 + s) overflows to inf where exp does; r
+  // keeps y unclamped.
   I n_bits;
-  const F n = round_capped(x, 11.5415601730f, 1023, n_bits);
-  // ln2/8 = 0.086639404296875 (12 significant bits: n times it is exact) + 3.99327291e-6.
-  const F r = (x - n * 0.086639404296875f) - n * 3.99327291e-6f;
-  const F s = (r * r) * (r * 1.6666857208e-1f + 5.0006447276e-1f) + r;
+  const F n = round_capped(y, 1.0f, 1023, n_bits);
+  const F r = y - n;
+  const F q = (r * 1.0840770119e-4f + 3.7540232297e-3f) * r + 8.6643397808e-2f;
   // T = 2^(j/8) · 2^k: n_bits' low three bits are j (the shifter's are 0), and its bits from 3 up are k
   // (two's complement), so n_bits << 20 with the mantissa field cleared is k << 23, added to T's exponent
-  // (which stays in [1, 254] for x >= lo).
+  // (which stays in [1, 254] for y >= lo).
   F t = Exp2Eighths<F, I>::at(n_bits);
   I t_bits;
   __builtin_memcpy(&t_bits, &t, sizeof(t_bits));
   t_bits += (n_bits << 20) & 0xFF800000u;
   __builtin_memcpy(&t, &t_bits, sizeof(t));
-  const F e = t * s + t;
-  return x < lo ? F{} : e;  // below lo: 0, as exp_poly; NaN x: r, s and e are NaN
+  const F e = (t * r) * q + t;
+  return y < lo ? F{} : e;  // below lo: 0, as exp_poly; NaN y: r, q and e are NaN
 }
 
-// ā = exp(Δ · A): the hardware exp on the device, exp_table on the host.
+// ā = exp(Δ · A) on the host, from Δ and A of which one carries kEighthsPerNat (the CPU kernels).
+template <typename F>
+__attribute__((always_inline)) inline F decay_scaled(F delta, F A) {
+  return exp_eighths<F, typename UnsignedOf<F>::type>(delta * A);
+}
+
+// ā = exp(Δ · A) from plain Δ and A: the hardware exp on the device, exp_poly on the host (the CUDA kernels'
+// code as g++ compiles it for their CPU emulation test).
 template <typename F>
 COMPRESSM_HOST_DEVICE F decay(F delta, F A) {
-#if defined(__CUDA_ARCH__)
   return exp_f32(delta * A);
-#else
-  return exp_table<F, typename UnsignedOf<F>::type>(delta * A);
-#endif
 }
 
 // --------------------------------------------------------------------------------- one state, one step
