@@ -250,20 +250,28 @@ inline bool cpu_has_avx2_fma() {
   return has;
 }
 // Defines `static void name(const Args&)` that runs `name##_impl` (an always-inline template body)
-// compiled for AVX2+FMA when the CPU has them, else for the baseline ISA.
-#define COMPRESSM_DISPATCH(name, Args)                                      \
-  COMPRESSM_TARGET_AVX2 void name##_avx2(const Args& a) { name##_impl(a); } \
-  void name##_base(const Args& a) { name##_impl(a); }                       \
-  void name(const Args& a) {                                                \
-    if (cpu_has_avx2_fma()) {                                               \
-      name##_avx2(a);                                                       \
-    } else {                                                                \
-      name##_base(a);                                                       \
-    }                                                                       \
+// compiled for AVX2+FMA when the CPU has them, else for the baseline ISA. The body gets a local copy of the
+// arguments: through the caller's reference GCC reloads every pointer after each vector store (a store through
+// memcpy may alias anything), and a copy whose address never escapes lives in registers (the scan's backward
+// 5-15 % faster).
+#define COMPRESSM_DISPATCH(name, Args)                 \
+  COMPRESSM_TARGET_AVX2 void name##_avx2(Args a) {     \
+    name##_impl(a);                                    \
+  }                                                    \
+  void name##_base(Args a) { name##_impl(a); }         \
+  void name(const Args& a) {                           \
+    if (cpu_has_avx2_fma()) {                          \
+      name##_avx2(a);                                  \
+    } else {                                           \
+      name##_base(a);                                  \
+    }                                                  \
   }
 #else
 #define COMPRESSM_DISPATCH(name, Args) \
-  void name(const Args& a) { name##_impl(a); }
+  void name(const Args& a) {           \
+    Args local = a;                    \
+    name##_impl(local);                \
+  }
 #endif
 
 }  // namespace compressm::cpu
