@@ -223,6 +223,7 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
       // backward gains 3-5 %, its loads and stores stay).
       const v8f a_t = broadcast8(a.decay[t]), da_t = broadcast8(a.delta[t] * a.decay[t]);
       const v8f du_t = broadcast8(a.delta[t] * a.u[t]);
+#pragma GCC unroll 8
       for (int j = 0; j < kV; ++j) {
         const int k = 8 * j;
         const v8f g = dy * load8(C + k) + carry[j];
@@ -235,6 +236,7 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
         du += g * load8(B + k);      // Σ g B_t
       }
     } else {
+#pragma GCC unroll 8
       for (int j = 0; j < kV; ++j) {
         const int k = 8 * j;
         const v8f a_t = load8(a.hist_decay + static_cast<int64_t>(t) * rp + k0 + k);
