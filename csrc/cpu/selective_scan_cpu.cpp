@@ -480,10 +480,10 @@ struct Scratch {
   std::vector<float> hist, hist_decay, B_gather, C_gather, dB_gather, dC_gather;  // (chunk, NP)
 
   Scratch(int N, int chunk, bool backward, bool gather)
-      : A(round8(N)), A_scaled(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)), B_inv(round8(N)),
-        C_inv(round8(N)), dB_inv(round8(N)), dC_inv(round8(N)), delta(chunk), delta_grad(chunk), delta_u(chunk),
-        decay(chunk), y(chunk), dy(chunk), ddelta(chunk), du(chunk), dz(chunk), raw(chunk), u(chunk), z(chunk),
-        dout(chunk) {
+      : A(round8(N)), A_scaled(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)),
+        B_inv(round8(N)), C_inv(round8(N)), dB_inv(round8(N)), dC_inv(round8(N)), delta(chunk), delta_grad(chunk),
+        delta_u(chunk), decay(chunk), y(chunk), dy(chunk), ddelta(chunk), du(chunk), dz(chunk), raw(chunk), u(chunk),
+        z(chunk), dout(chunk) {
     const size_t rows = static_cast<size_t>(chunk) * round8(N);
     if (backward) hist.resize(rows), hist_decay.resize(rows);
     if (gather) B_gather.resize(rows), C_gather.resize(rows);

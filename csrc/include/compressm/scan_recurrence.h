@@ -195,8 +195,9 @@ constexpr float kEighthsPerNat = 11.5415601730f;
 
 // exp(y·ln2/8) in fp32 on the host: the decay ā = exp(Δ·A) with y = Δ·A·8/ln2, the scans' and the decode step's
 // hottest function (F, I: as exp_poly). y = n + r with n = 8k + j and |r| <= 1/2 (r = y - n is exact), so
-// ā = 2^k · 2^(j/8) · (1 + s): 2^(j/8) from a table with k added to its exponent field, s = r·(c1 + r·(c2 + c3·r))
-// (a cubic fitted for least maximum relative error, in units of ln2/8: 3e-8), and T + (T·r)·(...) rounded once.
+// ā = 2^k · 2^(j/8) · (1 + s): 2^(j/8) from a table with k added to its exponent field, s = r·q with
+// q = c1 + r·(c2 + c3·r) (a cubic fitted for least maximum relative error, in units of ln2/8: 3e-8), and
+// T + (T·r)·q rounded once.
 // Within 1.14 ulp of exp(y·ln2/8) up to y = 1023 with FMA, 1.35 without. Against the exact exp(Δ·A), folding
 // adds the roundings of 8/ln2 and of the folded operand to that of the product (each |Δ·A|·2^-24 relative at
 // most): 2.3 ulp at most for |Δ·A| <= 1 (1.5 for exp of the fp32 Δ·A reduced by Cody-Waite), 16 against 9 for
