@@ -172,13 +172,17 @@ COMPRESSM_DISPATCH(forward_core_hist, ForwardArgs)
 
 // The reverse recurrence over T steps of r states (padded to rp; t = T-1 .. 0). carry (rp,) is ā_{t+1} g_{t+1}
 // on entry (from the next chunk) and on exit; dB/dC rows (ld 0: accumulate over t) and dA (rp,) are
-// accumulated; ddelta/du (T,) receive Σ over states of dΔ_t and du_t.
+// accumulated. With g_t = ∂loss/∂h_t and w_t = ā_t g_t h_{t-1} per state, the per-state terms of dΔ_t and du_t
+// (scan_recurrence.h's backward) sum to dΔ_t = Σ A w + u_t Σ g B and du_t = Δ_t Σ g B: ddelta (T,) receives
+// Σ A w (with a shared A: Σ g h_{t-1}, times A ā_t later) and du (T,) Σ g B, and finish_steps completes them.
+// Per state that leaves 8 vector operations a step, where reverse_step's per-state dΔ and du take 12 (backward
+// 5 % faster at N = 64, 8 % at N = 3, the same at N = 8).
 struct ReverseArgs {
   int r, T;
   const float* A;
   float* carry;
   const float* delta;
-  const float* u;
+  const float* delta_u;  // (T,) Δ_t u_t
   const float* dy;
   const float* B;
   int64_t ldb;
@@ -208,7 +212,7 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
     carry[j] = load8(a.carry + k0 + 8 * j), A[j] = load8(a.A + k0 + 8 * j), dA[j] = load8(a.dA + k0 + 8 * j);
   }
   for (int t = t1 - 1; t >= t0; --t) {
-    const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), u = broadcast8(a.u[t]);
+    const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), du_t = broadcast8(a.delta_u[t]);
     const float* hp = (t > 0 ? a.hist + static_cast<int64_t>(t - 1) * rp : a.h_in) + k0;
     const float* ht = a.hist + static_cast<int64_t>(t) * rp + k0;
     const float* B = a.B + t * a.ldb + k0;
@@ -216,13 +220,8 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
     float* dB = a.dB + t * a.lddb + k0;
     float* dC = a.dC + t * a.lddc + k0;
     v8f ddelta = kFirst ? v8f{} : lanes_ddelta[t], du = kFirst ? v8f{} : lanes_du[t];
-    if constexpr (kShared) {
-      // One A for every state, so the per-state terms of dΔ_t and du_t factor: with g = ∂loss/∂h_t,
-      // dΔ_t = A ā_t Σ g h_{t-1} + u_t Σ g B_t and du_t = Δ_t Σ g B_t. The lanes collect the two sums (reverse_core
-      // finishes them); per state there remain dA, dB, dC and the carry (half of reverse_step's arithmetic; the
-      // backward gains 3-5 %, its loads and stores stay).
+    if constexpr (kShared) {  // one ā_t for every state: Σ A w = A ā_t Σ g h_{t-1}
       const v8f a_t = broadcast8(a.decay[t]), da_t = broadcast8(a.delta[t] * a.decay[t]);
-      const v8f du_t = broadcast8(a.delta[t] * a.u[t]);
 #pragma GCC unroll 8
       for (int j = 0; j < kV; ++j) {
         const int k = 8 * j;
@@ -240,14 +239,14 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
       for (int j = 0; j < kV; ++j) {
         const int k = 8 * j;
         const v8f a_t = load8(a.hist_decay + static_cast<int64_t>(t) * rp + k0 + k);
-        const StepGradsOf<v8f> g = reverse_step_decayed(carry[j], dy, d, A[j], a_t, u, load8(B + k), load8(C + k),
-                                                        load8(hp + k), load8(ht + k));
-        store8(dB + k, load8(dB + k) + g.dB);
-        store8(dC + k, load8(dC + k) + g.dC);
-        dA[j] += g.dA;
-        carry[j] = g.carry;
-        ddelta += g.ddelta;
-        du += g.du;
+        const v8f g = dy * load8(C + k) + carry[j];
+        carry[j] = a_t * g;
+        const v8f w = carry[j] * load8(hp + k);  // ā g h_{t-1}
+        store8(dB + k, load8(dB + k) + g * du_t);
+        store8(dC + k, load8(dC + k) + dy * load8(ht + k));
+        dA[j] += d * w;
+        ddelta += A[j] * w;          // Σ A w
+        du += g * load8(B + k);      // Σ g B
       }
     }
     lanes_ddelta[t] = ddelta;
@@ -290,14 +289,6 @@ COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
   }
   sum_steps(lanes_ddelta, a.T, a.ddelta);
   sum_steps(lanes_du, a.T, a.du);
-  if constexpr (kShared) {  // from the sums of reverse_block's shared-A steps to dΔ_t and du_t
-    const float A = a.A[0];
-    for (int t = 0; t < a.T; ++t) {
-      const float gh = a.ddelta[t], gB = a.du[t];
-      a.ddelta[t] = A * a.decay[t] * gh + a.u[t] * gB;
-      a.du[t] = a.delta[t] * gB;
-    }
-  }
 }
 
 COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
@@ -388,32 +379,45 @@ COMPRESSM_ALWAYS_INLINE void gate_steps_impl(const GateArgs& a) {
 }
 COMPRESSM_DISPATCH(gate_steps, GateArgs)
 
-// The backward's last per-step math: dδ = dΔ · dΔ/dδ (also summed into *ddelta_bias) and du += dy·D, the D
-// skip's share. A loop of its own, vectorised across steps (inline in channel_backward, where it was not
-// compiled for AVX2, its sum kept it a scalar loop; 0-2 % of a backward at N = 3-8).
+// The backward's last per-step math, from the reverse pass's sums over states (ReverseArgs): dΔ = Σ A w + u Σ g B
+// (with a shared A: A ā Σ g h_{t-1} + u Σ g B), then dδ = dΔ · dΔ/dδ (also summed into *ddelta_bias), and
+// du = Δ Σ g B + dy·D, the D skip's share. A loop of its own, vectorised across steps.
 struct FinishArgs {
   int T;
   float D;
+  const float* delta;
+  const float* u;
+  const float* decay;  // (T,) ā_t with a shared A (ForwardArgs::decay), else nullptr
+  float A;             // that shared A
   const float* delta_grad;
   const float* dy;
-  float* ddelta;
-  float* du;
+  float* ddelta;  // in: Σ A w (Σ g h_{t-1}); out: dδ
+  float* du;      // in: Σ g B; out: du
   float* ddelta_bias;
 };
 
-COMPRESSM_ALWAYS_INLINE void finish_steps_impl(const FinishArgs& a) {
+template <bool kShared>
+COMPRESSM_ALWAYS_INLINE void finish_steps_loop(const FinishArgs& a) {
+  const float* __restrict delta = a.delta;
+  const float* __restrict u = a.u;
+  const float* __restrict decay = a.decay;
   const float* __restrict delta_grad = a.delta_grad;
   const float* __restrict dy = a.dy;
   float* __restrict ddelta = a.ddelta;
   float* __restrict du = a.du;
+  const float A = a.A, D = a.D;
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int t = 0; t < a.T; ++t) {
-    ddelta[t] *= delta_grad[t];
+    const float g_B = du[t], A_w = kShared ? A * decay[t] * ddelta[t] : ddelta[t];
+    ddelta[t] = (A_w + u[t] * g_B) * delta_grad[t];
     sum += ddelta[t];
-    du[t] += dy[t] * a.D;
+    du[t] = delta[t] * g_B + dy[t] * D;
   }
   *a.ddelta_bias += sum;
+}
+COMPRESSM_ALWAYS_INLINE void finish_steps_impl(const FinishArgs& a) {
+  a.decay ? finish_steps_loop<true>(a) : finish_steps_loop<false>(a);
 }
 COMPRESSM_DISPATCH(finish_steps, FinishArgs)
 
@@ -780,15 +784,16 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     }
     float* ddelta = steps_out(p.ddelta, p.delta.dtype, ch.dense + t0, s.ddelta);
     float* du = steps_out(p.du, p.u.dtype, ch.dense + t0, s.du);
-    reverse_core({r, T, s.A.data(), s.carry.data(), s.delta.data(), u, dy, rows.B, rows.ldb, rows.C, rows.ldc,
-                  s.h_in.data(), s.hist.data(), s.hist_decay.data(), dBp, lddb, dCp, lddc, s.dA.data(), ddelta, du,
-                  ch.shared_A ? s.decay.data() : nullptr});
+    reverse_core({r, T, s.A.data(), s.carry.data(), s.delta.data(), s.delta_u.data(), dy, rows.B, rows.ldb, rows.C,
+                  rows.ldc, s.h_in.data(), s.hist.data(), s.hist_decay.data(), dBp, lddb, dCp, lddc, s.dA.data(),
+                  ddelta, du, ch.shared_A ? s.decay.data() : nullptr});
     if (ch.kept) {  // add the kept states' columns back at their state indices
       if (p.b_variable) scatter_add_columns({s.dB_gather.data(), p.seqlen, T, r, ch.kept, dB_rows});
       if (p.c_variable) scatter_add_columns({s.dC_gather.data(), p.seqlen, T, r, ch.kept, dC_rows});
     }
 
-    finish_steps({T, ch.D, s.delta_grad.data(), dy, ddelta, du, &ddelta_bias});
+    finish_steps({T, ch.D, s.delta.data(), u, ch.shared_A ? s.decay.data() : nullptr, s.A[0], s.delta_grad.data(), dy,
+                  ddelta, du, &ddelta_bias});
     steps_out_done(p.ddelta, p.delta.dtype, ch.dense + t0, T, ddelta);
     steps_out_done(p.du, p.u.dtype, ch.dense + t0, T, du);
   }
@@ -981,14 +986,14 @@ COMPRESSM_DISPATCH(packed_forward_core, PackedForwardArgs)
 COMPRESSM_DISPATCH(packed_forward_core_hist, PackedForwardArgs)
 
 // reverse_core over a pack (t = T-1 .. 0): carry and dA (8,) lanes updated, dB/dC rows (ld 0: accumulate over
-// t) accumulated, lanes_ddelta / lanes_du [t] receive dΔ_t and du_t per lane.
+// t) accumulated, lanes_ddelta / lanes_du [t] receive each lane's A·w and g·B (ReverseArgs' sums, per state).
 struct PackedReverseArgs {
   int T;
   const float* A;
   float* carry;
   float* dA;
   const float* delta;  // (T, 8) lane rows
-  const float* u;
+  const float* delta_u;
   const float* dy;
   const float* B;
   int64_t ldb;
@@ -1010,18 +1015,17 @@ COMPRESSM_ALWAYS_INLINE void packed_reverse_core_impl(const PackedReverseArgs& a
   v8f carry = load8(a.carry), dA = load8(a.dA);
   for (int t = a.T - 1; t >= 0; --t) {
     const float* hp = t > 0 ? a.hist + 8 * (t - 1) : a.h_in;
-    const StepGradsOf<v8f> g = reverse_step_decayed(carry, load8(a.dy + 8 * t), load8(a.delta + 8 * t), A,
-                                                    load8(a.hist_decay + 8 * t), load8(a.u + 8 * t),
-                                                    load8(a.B + t * a.ldb), load8(a.C + t * a.ldc), load8(hp),
-                                                    load8(a.hist + 8 * t));
+    const v8f dy = load8(a.dy + 8 * t);
+    const v8f g = dy * load8(a.C + t * a.ldc) + carry;
+    carry = load8(a.hist_decay + 8 * t) * g;
+    const v8f w = carry * load8(hp);
     float* dBt = a.dB + t * a.lddb;
     float* dCt = a.dC + t * a.lddc;
-    store8(dBt, load8(dBt) + g.dB);
-    store8(dCt, load8(dCt) + g.dC);
-    dA += g.dA;
-    carry = g.carry;
-    a.lanes_ddelta[t] = g.ddelta;
-    a.lanes_du[t] = g.du;
+    store8(dBt, load8(dBt) + g * load8(a.delta_u + 8 * t));
+    store8(dCt, load8(dCt) + dy * load8(a.hist + 8 * t));
+    dA += load8(a.delta + 8 * t) * w;
+    a.lanes_ddelta[t] = A * w;
+    a.lanes_du[t] = g * load8(a.B + t * a.ldb);
   }
   store8(a.carry, carry);
   store8(a.dA, dA);
@@ -1043,12 +1047,12 @@ int pack_width(const ScanParams& p) {
 // states over a chunk.
 struct PackScratch {
   std::vector<Scratch> channels;                     // (G,)
-  std::vector<float> delta, delta_u, u, dy, hist, hist_decay;  // (chunk, 8)
+  std::vector<float> delta, delta_u, dy, hist, hist_decay;  // (chunk, 8)
   std::vector<float> zeros, discard;                 // (chunk,): rows of the channels past D
 
   PackScratch(int N, int chunk, int w, bool backward)
-      : channels(8 / w, Scratch(N, chunk, backward, false)), delta(8 * chunk), delta_u(8 * chunk), u(8 * chunk),
-        dy(8 * chunk), hist(8 * chunk), hist_decay(8 * chunk), zeros(chunk), discard(chunk) {}
+      : channels(8 / w, Scratch(N, chunk, backward, false)), delta(8 * chunk), delta_u(8 * chunk), dy(8 * chunk),
+        hist(8 * chunk), hist_decay(8 * chunk), zeros(chunk), discard(chunk) {}
 };
 
 // The G channels of one batch from d0 (n of them within D): their Channels, and their parameters as lanes.
@@ -1167,11 +1171,9 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
     float* dBp = p.b_variable ? part_rows(dB_part, B) : dB_inv;
     float* dCp = p.c_variable ? part_rows(dC_part, C) : dC_inv;
     pack_steps({dy, T, w, ps.dy.data()});
-    pack_steps({u, T, w, ps.u.data()});
-    packed_reverse_core({T, pk.A, carry, dA, ps.delta.data(), ps.u.data(), ps.dy.data(), rows.B, rows.ldb, rows.C,
-                         rows.ldc, h_in, ps.hist.data(), ps.hist_decay.data(), dBp, p.b_variable ? 8 : 0, dCp,
-                         p.c_variable ? 8 : 0,
-                         lanes, lanes_du});
+    packed_reverse_core({T, pk.A, carry, dA, ps.delta.data(), ps.delta_u.data(), ps.dy.data(), rows.B, rows.ldb,
+                         rows.C, rows.ldc, h_in, ps.hist.data(), ps.hist_decay.data(), dBp, p.b_variable ? 8 : 0, dCp,
+                         p.c_variable ? 8 : 0, lanes, lanes_du});
     float *ddelta[8], *du[8];
     for (int i = 0; i < pk.G; ++i) {
       ddelta[i] = i < pk.n ? steps_out(p.ddelta, p.delta.dtype, pk.ch[i].dense + t0, ps.channels[i].ddelta)
@@ -1182,7 +1184,9 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
     fold_lanes({lanes_du, T, w, du});
     for (int i = 0; i < pk.n; ++i) {
       const Channel& ch = pk.ch[i];
-      finish_steps({T, ch.D, ps.channels[i].delta_grad.data(), dy[i], ddelta[i], du[i], &ddelta_bias[i]});
+      const Scratch& s = ps.channels[i];
+      finish_steps({T, ch.D, s.delta.data(), u[i], nullptr, 0.0f, s.delta_grad.data(), dy[i], ddelta[i], du[i],
+                    &ddelta_bias[i]});
       steps_out_done(p.ddelta, p.delta.dtype, ch.dense + t0, T, ddelta[i]);
       steps_out_done(p.du, p.u.dtype, ch.dense + t0, T, du[i]);
     }

@@ -19,8 +19,8 @@
 //
 // Only plain float math and no std:: facilities, so a CPU loop over a channel's kept states (which the
 // compiler vectorises across states) and a CUDA thread holding one state call the same functions. The
-// per-state step functions (decay, forward_step, reverse_step) are templates on the value type F: float,
-// or on the host a GCC vector of floats, so the CPU kernels' explicit 8-lane loops use them too.
+// per-state forward step functions (decay, forward_step) are templates on the value type F: float, or on the
+// host a GCC vector of floats, so the CPU kernels' explicit 8-lane loops use them too.
 #pragma once
 
 #include <math.h>
@@ -252,22 +252,20 @@ COMPRESSM_HOST_DEVICE F forward_step(F h_prev, F delta, F A, F delta_u, F B) {
   return forward_step_decayed(h_prev, decay(delta, A), delta_u, B);
 }
 
-// Gradient contributions of one state (or one vector of states) at one step (see the header comment).
-template <typename F>
-struct StepGradsOf {
-  F dB, dC, ddelta, du, dA;
-  F carry;  // ā_t · g_t, the carry into step t-1
+// Gradient contributions of one state at one step (see the header comment). (The CPU kernels' reverse pass
+// factors dΔ_t and du_t out of the state loop instead: selective_scan_cpu.cpp's ReverseArgs.)
+struct StepGrads {
+  float dB, dC, ddelta, du, dA;
+  float carry;  // ā_t · g_t, the carry into step t-1
 };
-using StepGrads = StepGradsOf<float>;
 
-// carry = ā_{t+1} g_{t+1} (or ∂loss/∂h_{L-1} at the last step); h_prev = h_{t-1}; h = h_t; a = ā_t, given (the
-// CPU backward keeps the one its forward recomputation took).
-template <typename F>
-COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step_decayed(F carry, F dy, F delta, F A, F a, F u, F B, F C, F h_prev,
-                                                          F h) {
-  const F g = dy * C + carry;
-  const F g_delta = g * delta;
-  StepGradsOf<F> out;
+// carry = ā_{t+1} g_{t+1} (or ∂loss/∂h_{L-1} at the last step); h_prev = h_{t-1}; h = h_t.
+COMPRESSM_HOST_DEVICE StepGrads reverse_step(float carry, float dy, float delta, float A, float u, float B, float C,
+                                             float h_prev, float h) {
+  const float a = decay(delta, A);
+  const float g = dy * C + carry;
+  const float g_delta = g * delta;
+  StepGrads out;
   out.dC = dy * h;
   out.dB = g_delta * u;
   out.ddelta = g * (A * a * h_prev + B * u);
@@ -275,11 +273,6 @@ COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step_decayed(F carry, F dy, F delta
   out.dA = g_delta * a * h_prev;
   out.carry = a * g;
   return out;
-}
-
-template <typename F>
-COMPRESSM_HOST_DEVICE StepGradsOf<F> reverse_step(F carry, F dy, F delta, F A, F u, F B, F C, F h_prev, F h) {
-  return reverse_step_decayed(carry, dy, delta, A, decay(delta, A), u, B, C, h_prev, h);
 }
 
 // ------------------------------------------------------------------------------- one state, one chunk
