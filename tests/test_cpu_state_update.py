@@ -226,7 +226,8 @@ def decay_of_A(A: torch.Tensor) -> torch.Tensor:
 def test_decay_exp_matches_torch_over_its_range(dstate: int) -> None:
     # exp(A) to fp32 rounding plus the folded constant's two roundings (8/ln2 itself and y, |A|·2^-24 each) from
     # deep underflow (exactly 0) to where 2^k tops out (88.37), NaN kept. Above that it stays finite to 1e-5 until
-    # exp overflows to inf (88.72), as expf does.
+    # exp overflows to inf (88.72), as expf does. Where exp's result is subnormal (A from -88.03 to -87.33) it is
+    # off by at most 2^-127·2^(1/16), T's error times the polynomial's factor (see exp_eighths).
     dim = 40
     A = torch.linspace(-100.0, 88.3, dim * dstate).reshape(dim, dstate)
     A[3, 1] = float("nan")
@@ -239,6 +240,8 @@ def test_decay_exp_matches_torch_over_its_range(dstate: int) -> None:
     assert decay[4, 0].item() == pytest.approx(expected[4, 0].item(), rel=1e-5)
     assert torch.all(decay[4, 1:4] == math.inf)
     assert torch.all(decay[A < -88.0] == 0)
+    tiny = ~torch.isnan(A) & (expected <= 1.2e-38)
+    assert torch.all((decay.double() - expected).abs()[tiny] <= 2.0**-127 * 2.0 ** (1 / 16))
     rest = ~torch.isnan(A) & ~top & (expected > 1.2e-38)  # normal results
     tolerance = 3e-7 + 2 * A.double().abs() * 2.0**-24
     excess = ((decay.double() - expected).abs() / expected - tolerance)[rest]

@@ -124,17 +124,32 @@ struct compressm::UnsignedOf<compressm::cpu::v8f> {  // exp_f32 and exp_eighths 
 };
 
 template <>
-struct compressm::Exp2Eighths<compressm::cpu::v8f, compressm::cpu::v8u> {  // exp_eighths' table: one permute
-  __attribute__((always_inline)) static compressm::cpu::v8f at(compressm::cpu::v8u j) {
-    const compressm::cpu::v8f table = {kExp2Eighths[0], kExp2Eighths[1], kExp2Eighths[2], kExp2Eighths[3],
-                                       kExp2Eighths[4], kExp2Eighths[5], kExp2Eighths[6], kExp2Eighths[7]};
+struct compressm::Exp2EighthsBits<compressm::cpu::v8u> {  // exp_eighths' table: one permute
+  __attribute__((always_inline)) static compressm::cpu::v8u at(compressm::cpu::v8u j) {
+    const compressm::cpu::v8u table = {kExp2EighthsBits[0], kExp2EighthsBits[1], kExp2EighthsBits[2],
+                                       kExp2EighthsBits[3], kExp2EighthsBits[4], kExp2EighthsBits[5],
+                                       kExp2EighthsBits[6], kExp2EighthsBits[7]};
 #if defined(__clang__)
-    compressm::cpu::v8f out;
+    compressm::cpu::v8u out;
     for (int i = 0; i < 8; ++i) out[i] = table[j[i] & 7];
     return out;
 #else
-    return __builtin_shuffle(table, (compressm::cpu::v8i)j);
+    return __builtin_shuffle(table, j);
 #endif
+  }
+};
+
+template <>
+struct compressm::ClampBound<compressm::cpu::v8f> {
+  __attribute__((always_inline)) static compressm::cpu::v8f of(float v) {
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+    // GCC 12 compiles y < c ? c : y to vcmpps + vblendvps when c is a constant, to one vmaxps otherwise: the
+    // empty asm makes v opaque (it stays loop-invariant, so the broadcast is hoisted). With the blends the decode
+    // step was 4 % slower than before exp_eighths clamped y, with vmaxps/vminps 9 % faster. (The baseline loops
+    // split every 8-lane select into scalars either way, and run exp_eighths about half as fast as before.)
+    asm("" : "+x"(v));
+#endif
+    return compressm::cpu::v8f{} + v;
   }
 };
 

@@ -178,14 +178,22 @@ COMPRESSM_HOST_DEVICE float discretize_grad(float delta_raw, float bias, bool so
   return softplus ? softplus_grad_f32(delta_raw + bias) : 1.0f;
 }
 
-// 2^(j/8) for j = 0..7, rounded to fp32: exp_eighths' table.
-constexpr float kExp2Eighths[8] = {1.0f,          1.09050774574f, 1.18920707703f, 1.29683959484f,
-                                   1.41421353817f, 1.54221081734f, 1.68179285526f, 1.83400809765f};
+// exp_eighths' table: the bits of 2^(j/8) rounded to fp32, less j << 20, for j = 0..7. Adding n << 20 for
+// n = 8k + j then puts k in the exponent field and cancels the j, with no mask between (see exp_eighths).
+constexpr uint32_t kExp2EighthsBits[8] = {0x3f800000u, 0x3f7b95c2u, 0x3f7837f0u, 0x3f75fed7u,
+                                          0x3f7504f3u, 0x3f75672au, 0x3f7744fdu, 0x3f7ac0c7u};
 
-// kExp2Eighths[j & 7] for F = float; the CPU code adds eight lanes (one register permute).
-template <typename F, typename I>
-struct Exp2Eighths {
-  static F at(I j) { return kExp2Eighths[j & 7]; }
+// kExp2EighthsBits[j & 7] for I = uint32_t; the CPU code adds eight lanes (one register permute).
+template <typename I>
+struct Exp2EighthsBits {
+  static I at(I j) { return kExp2EighthsBits[j & 7]; }
+};
+
+// v in every lane of F, for exp_eighths' clamps. The CPU code's vectors hide v from GCC, which would turn a
+// select against a constant vector into a compare and a blend instead of one min or max.
+template <typename F>
+struct ClampBound {
+  static F of(float v) { return F{} + v; }
 };
 
 // 8/ln2: the CPU kernels fold it into Δ or A once (per token or per call), so the decay's exp takes its
@@ -204,25 +212,32 @@ constexpr float kEighthsPerNat = 11.5415601730f;
 // |Δ·A| <= 10, where ā < 5e-5 (measured on 4·10^6 random Δ, A). In exchange three of the ~11 FMA-pipe operations
 // per 8 states go: a decode step 6-22 %, a scan forward 7-18 % faster. Not for loops the compiler vectorises (the
 // table would become a gather): those use exp_poly.
+// Both ends are clamps of y (float max and min), not exp_poly's integer min and select of 0: on Zen 3 those
+// compete with the FMAs, which this loop already keeps busy, while max and min run beside them (one thread: a
+// decode step 8-13 %, a scan forward 7-10 %, its backward 2-4 % faster).
 template <typename F, typename I>
 __attribute__((always_inline)) inline F exp_eighths(F y) {
-  const F lo = F{} - 1007.92f;  // exp(-87.33) ~ FLT_MIN
-  // n = round(y) <= 1023 (k <= 127), so 2^k · T stays finite and T·(1 + s) overflows to inf where exp does; r
-  // keeps y unclamped.
+  // y is raised to -1016 = 8·(-127): there T's bits are 0, so ā = +0 exactly, from x = -88.03 on (where expf's
+  // is a subnormal below 2^-127). Between -1016 and -1008 (k = -127) T is the subnormal (2^(j/8) - 1)·2^-126
+  // instead of 2^(j/8)·2^-127, so ā is off by at most 2^-127·2^(1/16) there; above, it is a normal float. NaN y
+  // stays NaN: the comparison is false.
+  const F floor = ClampBound<F>::of(-1016.0f);
+  const F y_floored = y < floor ? floor : y;
+  // n = min(round(y), 1023) (k <= 127), so 2^k · T stays finite and T·(1 + s) overflows to inf where exp does:
+  // r keeps y uncapped. n_bits, the bits of the shifter plus n, hold n in their low bits (the shifter's are 0).
+  const F shifter = F{} + kShifter, capped = ClampBound<F>::of(kShifter + 1023.0f);
+  const F shifted = y_floored + shifter;
+  const F rounded = shifted < capped ? shifted : capped;
   I n_bits;
-  const F n = round_capped(y, 1.0f, 1023, n_bits);
-  const F r = y - n;
+  __builtin_memcpy(&n_bits, &rounded, sizeof(n_bits));
+  const F r = y_floored - (rounded - shifter);
   const F q = (r * 1.0840770119e-4f + 3.7540232297e-3f) * r + 8.6643397808e-2f;
-  // T = 2^(j/8) · 2^k: n_bits' low three bits are j (the shifter's are 0), and its bits from 3 up are k
-  // (two's complement), so n_bits << 20 with the mantissa field cleared is k << 23, added to T's exponent
-  // (which stays in [1, 254] for y >= lo).
-  F t = Exp2Eighths<F, I>::at(n_bits);
-  I t_bits;
-  __builtin_memcpy(&t_bits, &t, sizeof(t_bits));
-  t_bits += (n_bits << 20) & 0xFF800000u;
+  // T = 2^(j/8) · 2^k: n_bits << 20 is n << 20 (the shifter's bits shift out), (k << 23) + (j << 20), and the
+  // table entry is the bits of 2^(j/8) less j << 20, so their sum has k added to T's exponent field (in [0, 254]).
+  const I t_bits = Exp2EighthsBits<I>::at(n_bits) + (n_bits << 20);
+  F t;
   __builtin_memcpy(&t, &t_bits, sizeof(t));
-  const F e = (t * r) * q + t;
-  return y < lo ? F{} : e;  // below lo: 0, as exp_poly; NaN y: r, q and e are NaN
+  return (t * r) * q + t;
 }
 
 // ā = exp(Δ · A) on the host, from Δ and A of which one carries kEighthsPerNat (the CPU kernels).
