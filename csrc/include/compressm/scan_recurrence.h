@@ -217,10 +217,10 @@ constexpr float kEighthsPerNat = 11.5415601730f;
 // decode step 8-13 %, a scan forward 7-10 %, its backward 2-4 % faster).
 template <typename F, typename I>
 __attribute__((always_inline)) inline F exp_eighths(F y) {
-  // y is raised to -1016 = 8·(-127): there T's bits are 0, so ā = +0 exactly, from x = -88.03 on (where expf's
-  // is a subnormal below 2^-127). Between -1016 and -1008 (k = -127) T is the subnormal (2^(j/8) - 1)·2^-126
-  // instead of 2^(j/8)·2^-127, so ā is off by at most 2^-127·2^(1/16) there; above, it is a normal float. NaN y
-  // stays NaN: the comparison is false.
+  // y is raised to -1016 = 8·(-127), which n = -1016 takes from y < -1015.5 (x < -87.99) on: there T's bits are
+  // 0, so ā = +0 exactly, where expf's is a subnormal of at most 2^-127·2^(1/16). Up to n = -1009 (k = -127) T is
+  // the subnormal (2^(j/8) - 1)·2^-126 instead of 2^(j/8)·2^-127, off by at most as much; from n = -1008 on ā is
+  // a normal float. NaN y stays NaN: the comparison is false.
   const F floor = ClampBound<F>::of(-1016.0f);
   const F y_floored = y < floor ? floor : y;
   // n = min(round(y), 1023) (k <= 127), so 2^k · T stays finite and T·(1 + s) overflows to inf where exp does:
