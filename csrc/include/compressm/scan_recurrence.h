@@ -38,13 +38,13 @@ namespace compressm {
 
 // ---------------------------------------------------------------------------------------------- scalars
 
-// The shifter of round_capped: adding 1.5·2^23 pushes a float's fraction out of the mantissa.
+// The shifter of the exps below: adding 1.5·2^23 pushes a float's fraction out of the mantissa.
 constexpr float kShifter = 12582912.0f;
 constexpr uint32_t kShifterBits = 0x4B400000u;
 
 // n = round(x·scale) capped at `cap`, returned as a float; `bits` receives the bits of kShifter + n, whose low
 // mantissa bits hold n (so n's integer is a bit difference, no float-to-int conversion). The cap is one integer
-// min on the bits (NaN and +inf have larger bit patterns too). Shared by the two exps below.
+// min on the bits (NaN and +inf have larger bit patterns too). exp_poly's; exp_eighths rounds with float clamps.
 template <typename F, typename I>
 __attribute__((always_inline)) inline F round_capped(F x, float scale, uint32_t cap, I& bits) {
   const F shifter = F{} + kShifter;
