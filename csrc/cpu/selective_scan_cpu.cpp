@@ -27,7 +27,7 @@ namespace {
 // straddles the end of the states, and a step's store is exactly the next step's load.
 COMPRESSM_ALWAYS_INLINE constexpr int round8(int n) { return (n + 7) & ~7; }
 
-// T steps of r states (padded to rp). Row t of B/C is at B + t·ldb (ldb = 0: time-invariant); h (rp,) is
+// T steps of r states (padded to rp). Row t of B/C is at B + t·ldb (ldb = rp, or 0: time-invariant); h (rp,) is
 // updated in place; y[t] = Σ_k C_t[k] h_t[k]; hist (T, rp), when given, receives every h_t, and hist_decay (T, rp)
 // every ā_t (the states' own A: the backward's reverse pass reads them instead of taking each exp again). With
 // hist, y may be nullptr: the backward's recomputation needs Σ C h only for the z gate's gradient.
@@ -66,24 +66,28 @@ COMPRESSM_ALWAYS_INLINE void sum_steps(v8f* lanes, int T, float* y) {
 
 // States [k0, k0 + 8·kV) of rp over steps [t0, t1), the state and A in registers (through memory, each step's
 // update would wait for the previous step's store to be forwarded, the critical path at small N); lanes[t] += the
-// block's C_t·h_t folded to eight lanes (kFirst: lanes[t] = it; !kY: no lanes, C unread). kShared: ā_t from
-// a.decay, one per step, instead of an exp per state.
-template <bool kHist, int kV, bool kShared, bool kFirst, bool kY>
+// block's C_t·h_t folded to eight lanes (!kY: no lanes, C unread). kShared: ā_t from a.decay, one per step,
+// instead of an exp per state. kWhole: the block is all the channel's states (k0 = 0, rp = 8·kV) and writes
+// lanes[t] instead of adding to it. kRows: B and C are rows rp apart, as hist is (ldb = ldc = rp: variable B and C).
+// A whole block's rows are then a constant apart, which frees the registers the strides took: GCC ran short and
+// reloaded pointers from the stack every step (forward 1-5 % and backward 2-7 % faster at N = 8-64).
+template <bool kHist, int kV, bool kShared, bool kWhole, bool kY, bool kRows>
 COMPRESSM_ALWAYS_INLINE void forward_block(const ForwardArgs& a, int k0, int rp, int t0, int t1, v8f* lanes) {
+  const int64_t ld = kWhole && kRows ? 8 * kV : rp, ldb = kRows ? ld : a.ldb, ldc = kRows ? ld : a.ldc;
   v8f h[kV], A[kV];
   for (int j = 0; j < kV; ++j) h[j] = load8(a.h + k0 + 8 * j), A[j] = load8(a.A + k0 + 8 * j);
   for (int t = t0; t < t1; ++t) {
     const v8f delta = broadcast8(a.delta[t]), delta_u = broadcast8(a.delta_u[t]);
-    const float* B = a.B + t * a.ldb + k0;
-    const float* C = a.C + t * a.ldc + k0;
-    v8f acc = kFirst || !kY ? v8f{} : lanes[t];
+    const int64_t row = t * ld + k0;
+    const float* B = a.B + t * ldb + k0;
+    const float* C = a.C + t * ldc + k0;
+    v8f acc = kWhole || !kY ? v8f{} : lanes[t];
     for (int j = 0; j < kV; ++j) {
       const v8f a_t = kShared ? broadcast8(a.decay[t]) : decay_scaled(delta, A[j]);
       h[j] = forward_step_decayed(h[j], a_t, delta_u, load8(B + 8 * j));
       if constexpr (kHist) {
-        const int64_t at = static_cast<int64_t>(t) * rp + k0 + 8 * j;
-        store8(a.hist + at, h[j]);
-        if (!kShared) store8(a.hist_decay + at, a_t);
+        store8(a.hist + row + 8 * j, h[j]);
+        if (!kShared) store8(a.hist_decay + row + 8 * j, a_t);
       }
       if constexpr (kY) acc += load8(C + 8 * j) * h[j];
     }
@@ -93,18 +97,18 @@ COMPRESSM_ALWAYS_INLINE void forward_block(const ForwardArgs& a, int k0, int rp,
 }
 
 // forward_block for states [k0, k1), at most 8 vectors.
-template <bool kHist, bool kShared, bool kFirst, bool kY>
+template <bool kHist, bool kShared, bool kWhole, bool kY, bool kRows>
 COMPRESSM_ALWAYS_INLINE void forward_block_sized(const ForwardArgs& a, int k0, int k1, int rp, int t0, int t1,
                                                  v8f* lanes) {
   switch ((k1 - k0) / 8) {
-    case 1: forward_block<kHist, 1, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
-    case 2: forward_block<kHist, 2, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
-    case 3: forward_block<kHist, 3, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
-    case 4: forward_block<kHist, 4, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
-    case 5: forward_block<kHist, 5, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
-    case 6: forward_block<kHist, 6, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
-    case 7: forward_block<kHist, 7, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes); break;
-    default: forward_block<kHist, 8, kShared, kFirst, kY>(a, k0, rp, t0, t1, lanes);
+    case 1: forward_block<kHist, 1, kShared, kWhole, kY, kRows>(a, k0, rp, t0, t1, lanes); break;
+    case 2: forward_block<kHist, 2, kShared, kWhole, kY, kRows>(a, k0, rp, t0, t1, lanes); break;
+    case 3: forward_block<kHist, 3, kShared, kWhole, kY, kRows>(a, k0, rp, t0, t1, lanes); break;
+    case 4: forward_block<kHist, 4, kShared, kWhole, kY, kRows>(a, k0, rp, t0, t1, lanes); break;
+    case 5: forward_block<kHist, 5, kShared, kWhole, kY, kRows>(a, k0, rp, t0, t1, lanes); break;
+    case 6: forward_block<kHist, 6, kShared, kWhole, kY, kRows>(a, k0, rp, t0, t1, lanes); break;
+    case 7: forward_block<kHist, 7, kShared, kWhole, kY, kRows>(a, k0, rp, t0, t1, lanes); break;
+    default: forward_block<kHist, 8, kShared, kWhole, kY, kRows>(a, k0, rp, t0, t1, lanes);
   }
 }
 
@@ -138,7 +142,7 @@ COMPRESSM_ALWAYS_INLINE void forward_through_memory(const ForwardArgs& a, int rp
 // The states in register blocks of up to 8 vectors (64 states), one after another over each kBlockSteps steps
 // (with a shared A, N = 128 runs 1.3x faster than with its states through memory); more than 64 states with their
 // own A through memory.
-template <bool kHist, bool kShared, bool kY>
+template <bool kHist, bool kShared, bool kY, bool kRows>
 COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
   v8f lanes[kMaxChunk + 8];  // per step, C_t·h_t folded to eight lanes
   const int rp = round8(a.r);
@@ -146,32 +150,53 @@ COMPRESSM_ALWAYS_INLINE void forward_core(const ForwardArgs& a) {
     std::fill_n(lanes, a.T, v8f{});
   } else if (!kShared && rp > 64) {
     forward_through_memory<kHist, kY>(a, rp, lanes);
+  } else if (rp <= 64) {
+    for (int t0 = 0; t0 < a.T; t0 += kBlockSteps) {
+      forward_block_sized<kHist, kShared, true, kY, kRows>(a, 0, rp, rp, t0, std::min(a.T, t0 + kBlockSteps), lanes);
+    }
   } else {
+    if constexpr (kY) std::fill_n(lanes, a.T, v8f{});
     for (int t0 = 0; t0 < a.T; t0 += kBlockSteps) {
       const int t1 = std::min(a.T, t0 + kBlockSteps);
-      forward_block_sized<kHist, kShared, true, kY>(a, 0, std::min(rp, 64), rp, t0, t1, lanes);
-      for (int k0 = 64; k0 < rp; k0 += 64) {
-        forward_block_sized<kHist, kShared, false, kY>(a, k0, std::min(rp, k0 + 64), rp, t0, t1, lanes);
+      for (int k0 = 0; k0 < rp; k0 += 64) {
+        forward_block_sized<kHist, kShared, false, kY, kRows>(a, k0, std::min(rp, k0 + 64), rp, t0, t1, lanes);
       }
     }
   }
   if constexpr (kY) sum_steps(lanes, a.T, a.y);
 }
-COMPRESSM_ALWAYS_INLINE void forward_core_impl(const ForwardArgs& a) {
-  a.decay ? forward_core<false, true, true>(a) : forward_core<false, false, true>(a);
-}
-COMPRESSM_ALWAYS_INLINE void forward_core_hist_impl(const ForwardArgs& a) {
-  if (a.y) {
-    a.decay ? forward_core<true, true, true>(a) : forward_core<true, false, true>(a);
+template <bool kHist, bool kRows>
+COMPRESSM_ALWAYS_INLINE void forward_core_variant(const ForwardArgs& a) {
+  if (!kHist || a.y) {
+    a.decay ? forward_core<kHist, true, true, kRows>(a) : forward_core<kHist, false, true, kRows>(a);
   } else {
-    a.decay ? forward_core<true, true, false>(a) : forward_core<true, false, false>(a);
+    a.decay ? forward_core<kHist, true, false, kRows>(a) : forward_core<kHist, false, false, kRows>(a);
   }
 }
-COMPRESSM_DISPATCH(forward_core, ForwardArgs)
-COMPRESSM_DISPATCH(forward_core_hist, ForwardArgs)
+// Separate functions for B/C as rows and with either time-invariant, so that neither's loops share the other's
+// register allocation (in one function, the rows' loops lost what their constant strides won).
+COMPRESSM_ALWAYS_INLINE void forward_rows_impl(const ForwardArgs& a) { forward_core_variant<false, true>(a); }
+COMPRESSM_ALWAYS_INLINE void forward_rows_hist_impl(const ForwardArgs& a) { forward_core_variant<true, true>(a); }
+COMPRESSM_ALWAYS_INLINE void forward_strided_impl(const ForwardArgs& a) { forward_core_variant<false, false>(a); }
+COMPRESSM_ALWAYS_INLINE void forward_strided_hist_impl(const ForwardArgs& a) { forward_core_variant<true, false>(a); }
+COMPRESSM_DISPATCH(forward_rows, ForwardArgs)
+COMPRESSM_DISPATCH(forward_rows_hist, ForwardArgs)
+COMPRESSM_DISPATCH(forward_strided, ForwardArgs)
+COMPRESSM_DISPATCH(forward_strided_hist, ForwardArgs)
+
+// forward_core on a channel's rows (ChannelRows), recording hist and hist_decay when kHist.
+template <bool kHist>
+void forward_pass(const ForwardArgs& a) {
+  const bool rows = a.ldb == round8(a.r) && a.ldc == round8(a.r);
+  if constexpr (kHist) {
+    rows ? forward_rows_hist(a) : forward_strided_hist(a);
+  } else {
+    rows ? forward_rows(a) : forward_strided(a);
+  }
+}
 
 // The reverse recurrence over T steps of r states (padded to rp; t = T-1 .. 0). carry (rp,) is ā_{t+1} g_{t+1}
-// on entry (from the next chunk) and on exit; dB/dC rows (ld 0: accumulate over t) and dA (rp,) are
+// on entry (from the next chunk) and on exit; dB/dC rows (ld rp, or 0: accumulate over t) and dA (rp,) are
 // accumulated. With g_t = ∂loss/∂h_t and w_t = ā_t g_t h_{t-1} per state, the per-state terms of dΔ_t and du_t
 // (scan_recurrence.h's backward) sum to dΔ_t = Σ A w + u_t Σ g B and du_t = Δ_t Σ g B: ddelta (T,) receives
 // Σ A w (with a shared A: Σ g h_{t-1}, times A ā_t later) and du (T,) Σ g B, and finish_steps completes them.
@@ -202,28 +227,31 @@ struct ReverseArgs {
 };
 
 // As forward_block, in reverse: states [k0, k0 + 8·kV) of rp over steps [t0, t1) from the last, their carry, A
-// and dA in registers; gradients added to dB/dC rows, dΔ_t and du_t folded into (kFirst: written to) the step's
-// lanes.
-template <int kV, bool kShared, bool kFirst>
+// and dA in registers; gradients added to dB/dC rows, dΔ_t and du_t folded into (kWhole: written to) the step's
+// lanes. kRows: B, C, dB and dC are all rows rp apart (see forward_block).
+template <int kV, bool kShared, bool kWhole, bool kRows>
 COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp, int t0, int t1, v8f* lanes_ddelta,
                                            v8f* lanes_du) {
   // With one or two vectors, h_{t-1} (loaded for this step) stays in registers as the next step's h_t: the pass is
   // bound by its loads there (N = 8 3 %, N = 16 1.5 % faster); with more, h_t would spill (N = 64 2-8 % slower).
   constexpr bool kKeepH = kV <= 2;
+  const int64_t ld = kWhole && kRows ? 8 * kV : rp, ldb = kRows ? ld : a.ldb, ldc = kRows ? ld : a.ldc,
+                lddb = kRows ? ld : a.lddb, lddc = kRows ? ld : a.lddc;
   v8f carry[kV], A[kV], dA[kV], h_t[kV];
   for (int j = 0; j < kV; ++j) {
     carry[j] = load8(a.carry + k0 + 8 * j), A[j] = load8(a.A + k0 + 8 * j), dA[j] = load8(a.dA + k0 + 8 * j);
-    if (kKeepH) h_t[j] = load8(a.hist + static_cast<int64_t>(t1 - 1) * rp + k0 + 8 * j);
+    if (kKeepH) h_t[j] = load8(a.hist + (t1 - 1) * ld + k0 + 8 * j);
   }
   for (int t = t1 - 1; t >= t0; --t) {
     const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), du_t = broadcast8(a.delta_u[t]);
-    const float* hp = (t > 0 ? a.hist + static_cast<int64_t>(t - 1) * rp : a.h_in) + k0;
-    const float* ht = a.hist + static_cast<int64_t>(t) * rp + k0;
-    const float* B = a.B + t * a.ldb + k0;
-    const float* C = a.C + t * a.ldc + k0;
-    float* dB = a.dB + t * a.lddb + k0;
-    float* dC = a.dC + t * a.lddc + k0;
-    v8f ddelta = kFirst ? v8f{} : lanes_ddelta[t], du = kFirst ? v8f{} : lanes_du[t];
+    const int64_t row = t * ld + k0;
+    const float* hp = t > 0 ? a.hist + row - ld : a.h_in + k0;
+    const float* ht = a.hist + row;
+    const float* B = a.B + t * ldb + k0;
+    const float* C = a.C + t * ldc + k0;
+    float* dB = a.dB + t * lddb + k0;
+    float* dC = a.dC + t * lddc + k0;
+    v8f ddelta = kWhole ? v8f{} : lanes_ddelta[t], du = kWhole ? v8f{} : lanes_du[t];
     if constexpr (kShared) {  // one ā_t for every state: Σ A w = A ā_t Σ g h_{t-1}
       const v8f a_t = broadcast8(a.decay[t]), da_t = broadcast8(a.delta[t] * a.decay[t]);
 #pragma GCC unroll 8
@@ -243,7 +271,7 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
 #pragma GCC unroll 8
       for (int j = 0; j < kV; ++j) {
         const int k = 8 * j;
-        const v8f a_t = load8(a.hist_decay + static_cast<int64_t>(t) * rp + k0 + k);
+        const v8f a_t = load8(a.hist_decay + row + k);
         const v8f g = dy * load8(C + k) + carry[j];
         carry[j] = a_t * g;
         const v8f h_prev = load8(hp + k);
@@ -263,45 +291,59 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
 }
 
 // reverse_block for states [k0, k1), at most 8 vectors.
-template <bool kShared, bool kFirst>
+template <bool kShared, bool kWhole, bool kRows>
 COMPRESSM_ALWAYS_INLINE void reverse_block_sized(const ReverseArgs& a, int k0, int k1, int rp, int t0, int t1,
                                                  v8f* lanes_ddelta, v8f* lanes_du) {
   switch ((k1 - k0) / 8) {
-    case 1: reverse_block<1, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
-    case 2: reverse_block<2, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
-    case 3: reverse_block<3, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
-    case 4: reverse_block<4, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
-    case 5: reverse_block<5, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
-    case 6: reverse_block<6, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
-    case 7: reverse_block<7, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
-    default: reverse_block<8, kShared, kFirst>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du);
+    case 1: reverse_block<1, kShared, kWhole, kRows>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 2: reverse_block<2, kShared, kWhole, kRows>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 3: reverse_block<3, kShared, kWhole, kRows>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 4: reverse_block<4, kShared, kWhole, kRows>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 5: reverse_block<5, kShared, kWhole, kRows>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 6: reverse_block<6, kShared, kWhole, kRows>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    case 7: reverse_block<7, kShared, kWhole, kRows>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du); break;
+    default: reverse_block<8, kShared, kWhole, kRows>(a, k0, rp, t0, t1, lanes_ddelta, lanes_du);
   }
 }
 
 // The reverse recurrence in forward_core's register blocks, kBlockSteps steps at a time from the last.
-template <bool kShared>
+template <bool kShared, bool kRows>
 COMPRESSM_ALWAYS_INLINE void reverse_core(const ReverseArgs& a) {
   v8f lanes_ddelta[kMaxChunk + 8], lanes_du[kMaxChunk + 8];  // per step, folded to eight lanes
   const int rp = round8(a.r);
-  if (rp == 0) {  // a channel whose mask keeps no state
+  if (rp == 0 || rp > 64) {  // no state kept (the lanes stay 0), or blocks that add to the lanes
     std::fill_n(lanes_ddelta, a.T, v8f{});
     std::fill_n(lanes_du, a.T, v8f{});
   }
   for (int t1 = rp > 0 ? a.T : 0; t1 > 0; t1 -= kBlockSteps) {
     const int t0 = std::max(0, t1 - kBlockSteps);
-    reverse_block_sized<kShared, true>(a, 0, std::min(rp, 64), rp, t0, t1, lanes_ddelta, lanes_du);
-    for (int k0 = 64; k0 < rp; k0 += 64) {
-      reverse_block_sized<kShared, false>(a, k0, std::min(rp, k0 + 64), rp, t0, t1, lanes_ddelta, lanes_du);
+    if (rp <= 64) {
+      reverse_block_sized<kShared, true, kRows>(a, 0, rp, rp, t0, t1, lanes_ddelta, lanes_du);
+    } else {
+      for (int k0 = 0; k0 < rp; k0 += 64) {
+        reverse_block_sized<kShared, false, kRows>(a, k0, std::min(rp, k0 + 64), rp, t0, t1, lanes_ddelta, lanes_du);
+      }
     }
   }
   sum_steps(lanes_ddelta, a.T, a.ddelta);
   sum_steps(lanes_du, a.T, a.du);
 }
 
-COMPRESSM_ALWAYS_INLINE void reverse_core_impl(const ReverseArgs& a) {
-  a.decay ? reverse_core<true>(a) : reverse_core<false>(a);
+// As forward_rows and forward_strided.
+COMPRESSM_ALWAYS_INLINE void reverse_rows_impl(const ReverseArgs& a) {
+  a.decay ? reverse_core<true, true>(a) : reverse_core<false, true>(a);
 }
-COMPRESSM_DISPATCH(reverse_core, ReverseArgs)
+COMPRESSM_ALWAYS_INLINE void reverse_strided_impl(const ReverseArgs& a) {
+  a.decay ? reverse_core<true, false>(a) : reverse_core<false, false>(a);
+}
+COMPRESSM_DISPATCH(reverse_rows, ReverseArgs)
+COMPRESSM_DISPATCH(reverse_strided, ReverseArgs)
+
+void reverse_pass(const ReverseArgs& a) {
+  const int rp = round8(a.r);
+  const bool rows = a.ldb == rp && a.ldc == rp && a.lddb == rp && a.lddc == rp;
+  rows ? reverse_rows(a) : reverse_strided(a);
+}
 
 // Per-step math of one channel over T steps (vectorised across steps): delta receives Δ from the raw δ, grad
 // (nullptr in the forward, which has no use for it) dΔ/dδ, delta_u Δ·u, and decay (when given) ā = exp(Δ·A) for
@@ -712,8 +754,8 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
     const float* u = load_steps(p, ch, t0, T, false, s);
     const ChannelRows rows = channel_rows(B, C, p, b, d, t0, ch.r, ch.kept, T, s);
     float* y = steps_out(p.out, p.u.dtype, ch.dense + t0, s.y);
-    forward_core({ch.r, T, s.A_scaled.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
-                  rows.ldc, y, nullptr, ch.shared_A ? s.decay.data() : nullptr});
+    forward_pass<false>({ch.r, T, s.A_scaled.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb,
+                         rows.C, rows.ldc, y, nullptr, ch.shared_A ? s.decay.data() : nullptr});
 
     float* carry = p.carries + ((static_cast<int64_t>(b) * p.dim + d) * n_chunks + c) * N;
     if (ch.kept) std::fill_n(carry, N, 0.0f);  // masked states stay exactly 0
@@ -764,9 +806,9 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     for (int k = 0; k < r; ++k) s.h_in[k] = c > 0 ? saved[ch.state(k)] : 0.0f;
     std::copy_n(s.h_in.begin(), rp, s.h.begin());
     // Σ C h (y) only for the z gate's gradient.
-    forward_core_hist({r, T, s.A_scaled.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
-                       rows.ldc, p.z.data ? s.y.data() : nullptr, s.hist.data(),
-                       ch.shared_A ? s.decay.data() : nullptr, s.hist_decay.data()});
+    forward_pass<true>({r, T, s.A_scaled.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb, rows.C,
+                        rows.ldc, p.z.data ? s.y.data() : nullptr, s.hist.data(),
+                        ch.shared_A ? s.decay.data() : nullptr, s.hist_decay.data()});
 
     const float* dy = gate_backward(p, ch, t0, T, u, s.y.data(), s, &dD);
 
@@ -791,7 +833,7 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     }
     float* ddelta = steps_out(p.ddelta, p.delta.dtype, ch.dense + t0, s.ddelta);
     float* du = steps_out(p.du, p.u.dtype, ch.dense + t0, s.du);
-    reverse_core({r, T, s.A.data(), s.carry.data(), s.delta.data(), s.delta_u.data(), dy, rows.B, rows.ldb, rows.C,
+    reverse_pass({r, T, s.A.data(), s.carry.data(), s.delta.data(), s.delta_u.data(), dy, rows.B, rows.ldb, rows.C,
                   rows.ldc, s.h_in.data(), s.hist.data(), s.hist_decay.data(), dBp, lddb, dCp, lddc, s.dA.data(),
                   ddelta, du, ch.shared_A ? s.decay.data() : nullptr});
     if (ch.kept) {  // add the kept states' columns back at their state indices
