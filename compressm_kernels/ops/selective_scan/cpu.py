@@ -3,10 +3,8 @@
 The kernels are registered as ``torch.library`` custom ops (``compressm::selective_scan_fwd_cpu``,
 ``compressm::selective_scan_bwd_cpu``, ``compressm::selective_state_update_cpu``) with fake
 implementations, so ``torch.compile`` traces through them; an ``autograd.Function`` pairs forward and
-backward. Eager calls go to the extension directly: the custom-op dispatch costs ~80 µs per forward+backward, 1 %
-of a compacted (N = 8) layer's scan at Bt = 2, D = 1024, L = 512. The forward saves only the state at each chunk
-end, ``(Bt, D, n_chunks, N)`` fp32, and the backward recomputes inside each chunk from it: memory
-O(Bt·D·(L + N)).
+backward. The forward saves only the state at each chunk end, ``(Bt, D, n_chunks, N)`` fp32, and the
+backward recomputes inside each chunk from it: memory O(Bt·D·(L + N)).
 
 State masks: a shared ``(N,)`` mask compacts A/B/C to the kept states before the kernel (a smaller N;
 autograd scatters the gradients back, zero for dropped states); a per-channel ``(D, N)`` mask becomes
@@ -147,8 +145,7 @@ class SelectiveScanCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk):
-        fwd = selective_scan_fwd_cpu if torch.compiler.is_compiling() else _ext().scan_fwd
-        out, carries = fwd(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk)
+        out, carries = selective_scan_fwd_cpu(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ranks, kept, carries)
         ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
         ctx.set_materialize_grads(False)
@@ -163,8 +160,7 @@ class SelectiveScanCPU(torch.autograd.Function):
             dout = dout.contiguous()
         if dlast is not None:
             dlast = dlast.float().contiguous()
-        bwd = selective_scan_bwd_cpu if torch.compiler.is_compiling() else _ext().scan_bwd
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = bwd(
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = selective_scan_bwd_cpu(
             u, delta, A, B, C, D, z, delta_bias, ranks, kept, ctx.delta_softplus, ctx.chunk, carries, dout, dlast
         )
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
