@@ -23,11 +23,11 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NO_FLAGS = {"has_D": False, "has_z": False, "has_delta_bias": False, "delta_softplus": False}
 
 CASES = [
-    # awkward N at small D (L = 600 spans three chunks of cpu.CHUNK steps, the last one partial); states are padded
+    # awkward N at small D (L = 600 spans ten 64-step chunks, the last one partial); states are padded
     # to whole 8-lane vectors, 1-4 of them held in registers, more through memory: every kernel size path, with padding
     *(Case(dim=4, seqlen=600, dstate=n) for n in (1, 2, 3, 4, 7, 9, 12, 13, 16, 20, 32, 33, 64)),
     # N <= 4 packs 8 / w channels into a vector (w = N rounded up to a power of two): D not a multiple of the pack
-    # (the last one partial), two chunks with a ragged tail, every B/C form, groups holding whole packs, and groups
+    # (the last one partial), chunks with a ragged tail, every B/C form, groups holding whole packs, and groups
     # that would split a pack (5 channels per group at w = 2: one channel per vector instead)
     Case(dim=19, seqlen=300, dstate=1),
     Case(dim=13, seqlen=77, dstate=2, b_form="invariant", c_form="variable"),
@@ -86,8 +86,16 @@ def test_poisoning_is_active() -> None:
     assert torch.isnan(torch.empty(64)).all()
 
 
+@pytest.fixture(params=["chunks", "64-step chunks"])
+def chunking(request, monkeypatch) -> None:
+    """The scan's own chunk size (up to 1024 steps, so short sequences run as one chunk), and 64-step chunks, so
+    that every case also crosses chunk boundaries (the carries between them, the backward's recomputation)."""
+    if request.param == "64-step chunks":
+        monkeypatch.setattr(cpu, "chunk_size", lambda dstate: max(64, dstate))
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_reference(case: Case) -> None:
+def test_matches_reference(case: Case, chunking: None) -> None:
     inputs = make_inputs(case)
     ref = run_with_grads(selective_scan_fn, inputs, backend="reference")
     got = run_with_grads(selective_scan_fn, inputs, backend="cpu")
@@ -105,7 +113,7 @@ def test_auto_picks_cpu_for_cpu_tensors() -> None:
                                   Case(dim=4, seqlen=70, dstate=12, groups=2, b_form="grouped", c_form="invariant"),
                                   Case(dim=4, seqlen=63, dstate=16, dtype=BF16),
                                   Case(dim=4, seqlen=75, dstate=60)], ids=str)  # per-channel ranks past 32
-def test_mask_matches_reference(case: Case, per_channel: bool) -> None:
+def test_mask_matches_reference(case: Case, per_channel: bool, chunking: None) -> None:
     gen = torch.Generator().manual_seed(3)
     mask = torch.rand((case.dim, case.dstate) if per_channel else (case.dstate,), generator=gen) > 0.4
     mask[..., 1] = True
@@ -134,7 +142,7 @@ def test_mask_matches_reference(case: Case, per_channel: bool) -> None:
                                   Case(dim=3, seqlen=63, dstate=200, dtype=BF16),
                                   Case(dim=4, seqlen=63, dstate=12, b_form="invariant", c_form="variable"),
                                   Case(dim=8, seqlen=40, dstate=3)], ids=str)
-def test_channels_whose_states_share_A_match_reference(case: Case, mask: str) -> None:
+def test_channels_whose_states_share_A_match_reference(case: Case, mask: str, chunking: None) -> None:
     """Mamba-2's heads: every state of a channel has the same A (the kernel computes one decay per step), and a
     channel where one state differs (one decay per state again)."""
     inputs = make_inputs(case)
@@ -157,7 +165,7 @@ def test_channels_whose_states_share_A_match_reference(case: Case, mask: str) ->
     (Case(dim=4, seqlen=70, dstate=13, groups=2, b_form="grouped", c_form="invariant"), (0, 3, 4, 7, 11)),
     (Case(dim=11, seqlen=150, dstate=8), (2, 5, 6)),  # the compacted scan packs channels, the masked one cannot
 ], ids=str)
-def test_masked_equals_compacted(case: Case, kept: tuple[int, ...]) -> None:
+def test_masked_equals_compacted(case: Case, kept: tuple[int, ...], chunking: None) -> None:
     """A shared mask, as (N,) and broadcast to (D, N) (the per-channel rank path), equals the scan of the
     compacted inputs; dropped states get exactly zero gradient."""
     mask = torch.zeros(case.dstate, dtype=torch.bool)
@@ -218,7 +226,7 @@ def test_gradients_exact_to_fp32_roundoff() -> None:
 
 
 @pytest.mark.parametrize("dstate", [12, 3], ids=str)
-def test_gradient_through_last_state_only(dstate: int) -> None:
+def test_gradient_through_last_state_only(dstate: int, chunking: None) -> None:
     case = Case(dim=5, seqlen=100, dstate=dstate)
     inputs = make_inputs(case)
     leaves = [inputs[k] for k in ("u", "delta", "A", "B", "D", "delta_bias")]  # C, z do not reach the last state
@@ -276,8 +284,23 @@ def test_bad_kernel_inputs_name_the_argument() -> None:
     with pytest.raises(ValueError, match="kept must hold state indices"):
         cpu.selective_scan_fwd_cpu(**dict(base, ranks=torch.full((4,), 2, dtype=torch.int32),
                                           kept=torch.full((4, 4), 9, dtype=torch.int32)))
+    with pytest.raises(ValueError, match=r"chunk must lie in \[1, 1024\]"):
+        cpu.selective_scan_fwd_cpu(**dict(base, chunk=1025))
     for k, v in args.items():
         assert torch.equal(v, before[k]), k
+
+
+def test_chunk_size_fits_the_kernel_and_the_memory_bound() -> None:
+    """Every N gets a chunk the kernel takes (at most 1024 steps) and at least N steps, so the saved carries,
+    n_chunks·N per channel, stay within L + N; up to 32 states a chunk's recomputed states fill 64 KB at most."""
+    for n in range(1, 257):
+        chunk = cpu.chunk_size(n)
+        assert n <= chunk <= 1024, n
+        for seqlen in (1, 255, 256, 1000, 4097):
+            assert -(-seqlen // chunk) * n <= seqlen + n, (n, seqlen)
+        if n <= 32:
+            assert chunk * 4 * (-(-n // 8) * 8) <= 64 * 1024, n
+    assert [cpu.chunk_size(n) for n in (8, 16, 24, 32, 33, 64, 256)] == [1024, 1024, 680, 512, 256, 256, 256]
 
 
 def test_custom_ops_pass_opcheck() -> None:

@@ -28,6 +28,7 @@ using Tensor = at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 constexpr int64_t kMaxState = 256;
+constexpr int64_t kMaxChunk = 1024;  // selective_scan_cpu.cpp's
 
 std::string shape_of(const Tensor& t) {
   std::string s = "(";
@@ -119,8 +120,8 @@ ScanSetup setup_scan(const Tensor& u, const Tensor& delta, const Tensor& A, cons
   const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2), dstate = A.size(1);
   TORCH_CHECK_VALUE(batch >= 1 && dim >= 1 && seqlen >= 1, "u must be non-empty, got ", shape_of(u));
   TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxState, "A must have 1 <= N <= ", kMaxState, " states, got N=", dstate);
-  // The kernels keep a chunk's per-step sums on the stack: at most kMaxState (= chunk_size's largest) steps.
-  TORCH_CHECK_VALUE(chunk >= 1 && chunk <= kMaxState, "chunk must lie in [1, ", kMaxState, "], got ", chunk);
+  // The kernels keep a chunk's per-step sums on the stack: at most kMaxChunk (= chunk_size's largest) steps.
+  TORCH_CHECK_VALUE(chunk >= 1 && chunk <= kMaxChunk, "chunk must lie in [1, ", kMaxChunk, "], got ", chunk);
   p.batch = batch, p.dim = dim, p.seqlen = seqlen, p.dstate = dstate;
   p.chunk = static_cast<int>(chunk);
   p.delta_softplus = delta_softplus;

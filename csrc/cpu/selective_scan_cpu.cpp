@@ -48,7 +48,7 @@ struct ForwardArgs {
 };
 
 constexpr int kMaxState = 256;  // the package's MAX_DSTATE; bindings.cpp checks it
-constexpr int kMaxChunk = 256;  // steps per chunk: chunk_size(N) = max(64, N); bindings.cpp checks it
+constexpr int kMaxChunk = 1024;  // steps per chunk at most (cpu.py's chunk_size); bindings.cpp checks it
 
 // y[0 .. T) = Σ_j lanes[t][j]; lanes is zero-padded to a multiple of 8 steps first.
 COMPRESSM_ALWAYS_INLINE void sum_steps(v8f* lanes, int T, float* y) {
