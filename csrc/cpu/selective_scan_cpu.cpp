@@ -242,10 +242,11 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
     carry[j] = load8(a.carry + k0 + 8 * j), A[j] = load8(a.A + k0 + 8 * j), dA[j] = load8(a.dA + k0 + 8 * j);
     if (kKeepH) h_t[j] = load8(a.hist + (t1 - 1) * ld + k0 + 8 * j);
   }
-  for (int t = t1 - 1; t >= t0; --t) {
+  // Step t, h_{t-1} at hp: the loop's rows of hist, then the chunk's h_in at t = 0 (a select in the loop cost a
+  // stack load and a cmov every step).
+  auto step = [&](int t, const float* hp) __attribute__((always_inline)) {
     const v8f dy = broadcast8(a.dy[t]), d = broadcast8(a.delta[t]), du_t = broadcast8(a.delta_u[t]);
     const int64_t row = t * ld + k0;
-    const float* hp = t > 0 ? a.hist + row - ld : a.h_in + k0;
     const float* ht = a.hist + row;
     const float* B = a.B + t * ldb + k0;
     const float* C = a.C + t * ldc + k0;
@@ -286,7 +287,9 @@ COMPRESSM_ALWAYS_INLINE void reverse_block(const ReverseArgs& a, int k0, int rp,
     }
     lanes_ddelta[t] = ddelta;
     lanes_du[t] = du;
-  }
+  };
+  for (int t = t1 - 1; t >= std::max(t0, 1); --t) step(t, a.hist + (t - 1) * ld + k0);
+  if (t0 == 0) step(0, a.h_in + k0);
   for (int j = 0; j < kV; ++j) store8(a.carry + k0 + 8 * j, carry[j]), store8(a.dA + k0 + 8 * j, dA[j]);
 }
 
