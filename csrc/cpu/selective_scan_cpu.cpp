@@ -1360,8 +1360,8 @@ void scan_bwd(const ScanParams& p) {
       if (my_b) std::fill_n(my_b, part_b, 0.0f);
       if (my_c) std::fill_n(my_c, part_c, 0.0f);
       // Runs of 16 tasks dealt round-robin: a fixed assignment keeps the sums (and results) reproducible; dealing
-      // balances per-channel ranks; and two threads never write one cache line of dA, dD or ddelta_bias (one task
-      // at a time: N = 8 and 16 3-6 % slower with two threads, as 16-64 channels' dA share lines).
+      // balances per-channel ranks; and a run's rows of dA, dD and ddelta_bias fill whole cache lines, so two threads
+      // never write one (dealt one task at a time, they did: the backward 4-5 % slower at N = 8 and 16).
 #pragma omp for schedule(static, 16)
       for (int task = 0; task < tasks; ++task) {
         if (w) {
