@@ -416,13 +416,13 @@ COMPRESSM_ALWAYS_INLINE void gate_steps_impl(const GateArgs& a) {
   float dD = 0.0f;
   if (z) {
     float* __restrict dy = a.dy;
+#pragma omp simd reduction(+ : dD)
     for (int t = 0; t < a.T; ++t) {  // silu and its derivative from one sigmoid (silu_f32, silu_grad_f32)
       const float sig = sigmoid_f32(z[t]);
       dz[t] = dout[t] * (y[t] + D * u[t]) * (sig * (1.0f + z[t] * (1.0f - sig)));
       dy[t] = dout[t] * (z[t] * sig);
+      dD += dy[t] * u[t];
     }
-#pragma omp simd reduction(+ : dD)
-    for (int t = 0; t < a.T; ++t) dD += dy[t] * u[t];
   } else {
 #pragma omp simd reduction(+ : dD)
     for (int t = 0; t < a.T; ++t) dD += dout[t] * u[t];
