@@ -1,4 +1,5 @@
-"""Loading the compiled extensions (``_C`` for CPU kernels, ``_C_cuda`` for CUDA kernels).
+"""Loading the compiled extensions (``_C`` for CPU kernels, ``_C_cuda`` for CUDA kernels), and the ops whose
+kernels they register.
 
 A missing or mismatched extension never breaks ``import compressm_kernels``: ``load_extension`` returns
 the reason instead, and the backend that needs it raises at call time with the fix.
@@ -58,3 +59,20 @@ def extension_unavailable_reason(name: str) -> str | None:
     if name not in _reasons:
         _reasons[name] = load_extension(name)[1]
     return _reasons[name]
+
+
+def define_ops(extension: str, dispatch_key: str, schemas: list[str]) -> torch.library.Library:
+    """Define the ops ``compressm::<schema>`` whose ``dispatch_key`` kernels ``extension`` registers in C++ when it
+    loads (TORCH_LIBRARY_IMPL), so that a call reaches the kernel with no Python in between. Without the extension
+    each op's kernel raises the reason and the fix instead. The ops live as long as the returned library: keep it."""
+    lib = torch.library.Library("compressm", "FRAGMENT")
+    reason = extension_unavailable_reason(extension)  # loads the extension: its kernels register now
+    for schema in schemas:
+        lib.define(schema)
+        if reason is not None:
+            lib.impl(schema.split("(")[0], functools.partial(_unavailable, reason), dispatch_key)
+    return lib
+
+
+def _unavailable(reason: str, *args, **kwargs):
+    raise RuntimeError(reason)

@@ -77,3 +77,29 @@ def test_error_messages_keep_their_numbers() -> None:
     u, A, B = torch.randn(1, 3, 4), -torch.rand(3, 300), torch.randn(1, 300, 4)
     with pytest.raises(ValueError, match=r"^A must have 1 <= N <= 256 states, got N=300$"):
         cpu.scan_fwd(u, u, A, B, B, None, None, None, None, None, True, 64)
+
+
+def test_ops_without_their_extension_raise_the_fix() -> None:
+    import torch
+
+    lib = _extensions.define_ops("_C_does_not_exist", "CPU", ["test_op_without_kernel(Tensor x) -> Tensor"])
+    try:
+        with pytest.raises(RuntimeError, match=r"compressm_kernels\._C_does_not_exist is not available.*bootstrap"):
+            torch.ops.compressm.test_op_without_kernel(torch.ones(2))
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("op", ["selective_scan_fwd_cpu", "selective_scan_bwd_cpu", "causal_conv1d_fwd_cpu",
+                                "causal_conv1d_bwd_cpu"])
+def test_cpu_kernels_are_registered_in_cpp(op: str) -> None:
+    """The training ops' CPU kernels are the extension's C++ functions, so a call has no Python in between (as
+    custom ops with Python kernels they cost ~30 µs more per call)."""
+    import torch
+
+    from compressm_kernels.ops import conv1d_cpu  # noqa: F401  (defines the conv ops)
+    from compressm_kernels.ops.selective_scan import cpu  # noqa: F401  (defines the scan ops)
+
+    _built("_C")
+    cpu_line = [line for line in torch._C._dispatch_dump(f"compressm::{op}").splitlines() if line.startswith("CPU:")]
+    assert len(cpu_line) == 1 and "csrc/cpu/bindings.cpp" in cpu_line[0], cpu_line

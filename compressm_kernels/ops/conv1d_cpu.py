@@ -1,7 +1,7 @@
 """The C++ CPU causal conv1d (``compressm_kernels._C``): Mamba's short depthwise convolution and its SiLU.
 
-Registered as ``torch.library`` custom ops (``compressm::causal_conv1d_fwd_cpu`` / ``_bwd_cpu``) with fake
-implementations, paired by an ``autograd.Function``. The backward recomputes the pre-activation from ``x``
+The ops ``compressm::causal_conv1d_fwd_cpu`` / ``_bwd_cpu`` (kernels registered by the extension, fake
+implementations here), paired by an ``autograd.Function``. The backward recomputes the pre-activation from ``x``
 instead of saving it. ``x`` is read in place when it is unit-stride along L (e.g. the x half of
 ``xz.chunk(2, dim=1)``); the output and ``dx`` are contiguous in x's dtype, the weight and bias gradients fp32.
 The one-token decode step (``compressm::causal_conv1d_update_cpu``, no autograd) shifts ``conv_state`` in place;
@@ -15,34 +15,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._extensions import extension_unavailable_reason, require_extension
+from .._extensions import define_ops, extension_unavailable_reason, require_extension
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-extension_unavailable_reason("_C")  # load now: torch.compile then reads the result (_extensions)
 
 
 def _ext():
     return require_extension("_C")
 
 
-@torch.library.custom_op("compressm::causal_conv1d_fwd_cpu", mutates_args=())
-def causal_conv1d_fwd_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
-    """``(Bt, D, L)`` in x's dtype: ``silu(conv)`` or ``conv``."""
-    return _ext().conv1d_fwd(x, weight, bias, silu)
+# The conv's CPU kernels, registered by the extension (bindings.cpp), which this loads now (for torch.compile: see
+# _extensions.extension_unavailable_reason).
+_lib = define_ops("_C", "CPU", [
+    "causal_conv1d_fwd_cpu(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor",
+    "causal_conv1d_bwd_cpu(Tensor x, Tensor weight, Tensor? bias, Tensor dout, bool silu) -> Tensor[]",
+])
+# (Bt, D, L) in x's dtype: silu(conv) or conv; and [dx, dweight, dbias (0-element without a bias)].
+causal_conv1d_fwd_cpu = torch.ops.compressm.causal_conv1d_fwd_cpu.default
+causal_conv1d_bwd_cpu = torch.ops.compressm.causal_conv1d_bwd_cpu.default
 
 
-@causal_conv1d_fwd_cpu.register_fake
+@torch.library.register_fake("compressm::causal_conv1d_fwd_cpu", lib=_lib)
 def _(x, weight, bias, silu):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("compressm::causal_conv1d_bwd_cpu", mutates_args=())
-def causal_conv1d_bwd_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, silu: bool) -> list[Tensor]:
-    """``[dx, dweight, dbias]`` (dbias 0-element without a bias)."""
-    return _ext().conv1d_bwd(x, weight, bias, dout, silu)
-
-
-@causal_conv1d_bwd_cpu.register_fake
+@torch.library.register_fake("compressm::causal_conv1d_bwd_cpu", lib=_lib)
 def _(x, weight, bias, dout, silu):
     f32 = {"dtype": torch.float32}
     return [torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape, **f32),

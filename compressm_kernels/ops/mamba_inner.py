@@ -26,7 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .conv1d import causal_conv1d
 from .selective_scan import selective_scan_fn
 
-# The scans' forward kernels (custom ops of the cpu, cuda and triton backends), by name so that a backend
+# The scans' forward kernels (the ops of the cpu, cuda and triton backends), by name so that a backend
 # whose module cannot import here is no problem. Their outputs are kept for backward instead of recomputed.
 _SCAN_FORWARD_OPS = frozenset(
     f"compressm::selective_scan_fwd_{backend}" for backend in ("cpu", "cuda", "triton")

@@ -1,10 +1,10 @@
 """The C++ CPU backend (``compressm_kernels._C``): selective scan forward/backward and the decode step.
 
-The kernels are registered as ``torch.library`` custom ops (``compressm::selective_scan_fwd_cpu``,
-``compressm::selective_scan_bwd_cpu``, ``compressm::selective_state_update_cpu``) with fake
-implementations, so ``torch.compile`` traces through them; an ``autograd.Function`` pairs forward and
-backward. The forward saves only the state at each chunk end, ``(Bt, D, n_chunks, N)`` fp32, and the
-backward recomputes inside each chunk from it: memory O(Bt·D·(L + N)).
+The kernels are ``torch.library`` ops (``compressm::selective_scan_fwd_cpu`` and ``_bwd_cpu``, whose kernels the
+extension registers, and the custom op ``compressm::selective_state_update_cpu``) with fake implementations, so
+``torch.compile`` traces through them; an ``autograd.Function`` pairs forward and backward. The forward saves
+only the state at each chunk end, ``(Bt, D, n_chunks, N)`` fp32, and the backward recomputes inside each chunk
+from it: memory O(Bt·D·(L + N)).
 
 State masks: a shared ``(N,)`` mask compacts A/B/C to the kept states before the kernel (a smaller N;
 autograd scatters the gradients back, zero for dropped states); a per-channel ``(D, N)`` mask becomes
@@ -15,7 +15,7 @@ states only.
 import torch
 from torch import Tensor
 
-from ..._extensions import extension_unavailable_reason, load_extension, require_extension
+from ..._extensions import define_ops, extension_unavailable_reason, load_extension, require_extension
 from .inputs import ScanInputs
 from .masks import compact_scan_args, kept_states, mask_to_ranks
 
@@ -26,7 +26,6 @@ from .masks import compact_scan_args, kept_states, mask_to_ranks
 # per channel) stay within L + N.
 CHUNK, MAX_CHUNK, CHUNK_BYTES = 256, 1024, 64 * 1024
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-extension_unavailable_reason("_C")  # load now: torch.compile then reads the result (_extensions)
 
 
 def _ext():
@@ -43,26 +42,24 @@ def chunk_size(dstate: int) -> int:
 # ------------------------------------------------------------------------------------------ custom ops
 
 
-@torch.library.custom_op("compressm::selective_scan_fwd_cpu", mutates_args=())
-def selective_scan_fwd_cpu(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    ranks: Tensor | None,
-    kept: Tensor | None,
-    delta_softplus: bool,
-    chunk: int,
-) -> tuple[Tensor, Tensor]:
-    """``(out (Bt, D, L) in u's dtype, carries (Bt, D, n_chunks, N) fp32)``: h at the end of each chunk."""
-    return tuple(_ext().scan_fwd(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk))
+# The scan's CPU kernels, registered by the extension (bindings.cpp), which this loads now (for torch.compile: see
+# _extensions.extension_unavailable_reason). The decode step's op keeps a Python kernel: eager decoding calls the
+# extension directly, and only torch.compile's graphs call the op.
+_lib = define_ops("_C", "CPU", [
+    "selective_scan_fwd_cpu(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+    "Tensor? delta_bias, Tensor? ranks, Tensor? kept, bool delta_softplus, int chunk) -> (Tensor, Tensor)",
+    "selective_scan_bwd_cpu(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+    "Tensor? delta_bias, Tensor? ranks, Tensor? kept, bool delta_softplus, int chunk, Tensor carries, Tensor dout, "
+    "Tensor? dlast) -> Tensor[]",
+])
+# (out (Bt, D, L) in u's dtype, carries (Bt, D, n_chunks, N) fp32): h at the end of each chunk.
+selective_scan_fwd_cpu = torch.ops.compressm.selective_scan_fwd_cpu.default
+# [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias], each in its input's dtype (0-element when the input is absent);
+# invariant B/C and A, D, delta_bias get fp32 gradients.
+selective_scan_bwd_cpu = torch.ops.compressm.selective_scan_bwd_cpu.default
 
 
-@selective_scan_fwd_cpu.register_fake
+@torch.library.register_fake("compressm::selective_scan_fwd_cpu", lib=_lib)
 def _(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk):
     batch, dim, seqlen = u.shape
     n_chunks = (seqlen + chunk - 1) // chunk
@@ -71,31 +68,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk):
     )
 
 
-@torch.library.custom_op("compressm::selective_scan_bwd_cpu", mutates_args=())
-def selective_scan_bwd_cpu(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    ranks: Tensor | None,
-    kept: Tensor | None,
-    delta_softplus: bool,
-    chunk: int,
-    carries: Tensor,
-    dout: Tensor,
-    dlast: Tensor | None,
-) -> list[Tensor]:
-    """``[du, ddelta, dA, dB, dC, dD, dz, ddelta_bias]``, each in its input's dtype (0-element when the
-    input is absent); invariant B/C and A, D, delta_bias get fp32 gradients."""
-    return _ext().scan_bwd(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk, carries, dout,
-                           dlast)
-
-
-@selective_scan_bwd_cpu.register_fake
+@torch.library.register_fake("compressm::selective_scan_bwd_cpu", lib=_lib)
 def _(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk, carries, dout, dlast):
     dim, dstate = A.shape
     f32 = {"dtype": torch.float32}
