@@ -135,6 +135,31 @@ def test_mask_matches_reference(case: Case, per_channel: bool, chunking: None) -
             assert torch.all(got[name][..., unused, :] == 0), name
 
 
+@pytest.mark.parametrize("case", [Case(dim=7, seqlen=90, dstate=13),
+                                  Case(dim=7, seqlen=90, dstate=13, b_form="invariant", c_form="variable"),
+                                  Case(dim=7, seqlen=90, dstate=13, groups=7, b_form="grouped", c_form="grouped"),
+                                  Case(dim=7, seqlen=40, dstate=5, b_form="variable", c_form="invariant")], ids=str)
+def test_per_channel_mask_gathers_or_masks_in_place(case: Case, chunking: None) -> None:
+    """A channel gathers its kept states when that saves vectors of 8 lanes, else it runs every lane with the
+    dropped states masked in place: one call mixing both, channels keeping nothing or everything, and gradients
+    through the output and the last state, matches the reference; dropped states stay 0 and get no gradient."""
+    ranks = [0, 3, 8, 9, 12, 13, 11] if case.dstate == 13 else [0, 1, 3, 4, 5, 2, 5]  # N = 13: 8 lanes saved up to 8
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.zeros(case.dim, case.dstate, dtype=torch.bool)
+    for d, r in enumerate(ranks):
+        mask[d, torch.randperm(case.dstate, generator=gen)[:r]] = True
+    inputs = make_inputs(case)
+    ref = run_with_grads(selective_scan_fn, inputs, backend="reference", state_mask=mask)
+    got = run_with_grads(selective_scan_fn, inputs, backend="cpu", state_mask=mask)
+    _check_all(got, ref)
+    assert torch.all(got["dA"][~mask] == 0) and torch.all(got["last_state"][:, ~mask] == 0)
+    for name in ("dB", "dC"):
+        if got[name].dim() == 2:
+            assert torch.all(got[name][~mask] == 0), name
+        elif got[name].dim() == 4:  # (Bt, G, N, L) with a group per channel: its dropped states' rows are 0
+            assert torch.all(got[name][:, ~mask] == 0), name
+
+
 @pytest.mark.parametrize("mask", ["none", "shared", "per_channel"])
 @pytest.mark.parametrize("case", [Case(dim=6, seqlen=300, dstate=13), Case(dim=4, seqlen=77, dstate=64),
                                   Case(batch=1, dim=3, seqlen=70, dstate=128, groups=3, b_form="grouped",

@@ -475,37 +475,60 @@ COMPRESSM_DISPATCH(finish_steps, FinishArgs)
 
 // ------------------------------------------------------------------------------------------ B and C
 
-// Variable B or C as fp32, in one of two layouts. Step-major (Bt, G, L, NP), NP = round8(N): row (b, g, t)
+// With a per-channel mask, a channel gathers its kept states into rp = round8(r) lanes when that saves vectors
+// (rp < NP); otherwise it runs all NP lanes of the shared rows with its dropped states masked in place: their B (and
+// in the backward C) lanes read as 0, so their h stay 0 and they get no gradient, for a masked copy of its rows
+// instead of gathers and scatters (ranks in [N/2, N]: forward 1.10-1.25x, backward 1.15-1.29x at N = 8-64).
+bool gathers(const ScanParams& p, int d) {
+  return p.kept != nullptr && round8(p.ranks ? p.ranks[d] : p.dstate) < round8(p.dstate);
+}
+
+// Variable B or C as fp32, in one or both of two layouts. Step-major (Bt, G, L, NP), NP = round8(N): row (b, g, t)
 // holds the N states of step t contiguously, then zeros; the cores read it in place. State-major (Bt, G, N, L),
-// with a per-channel mask: each channel gathers its kept states, whose steps are then contiguous (a chunk's
-// gather reads r short rows instead of every state of T rows).
+// for the channels that gather their kept states, whose steps are then contiguous (a chunk's gather reads r short
+// rows instead of every state of T rows).
 struct Rows {
-  std::vector<float> data;
+  std::vector<float> steps, states;  // empty when no channel reads that layout
   int groups = 1;
-  bool state_major = false;
   int width = 8;  // step-major: lanes per channel; below NP, channels are packed (the states tiled NP / width times)
+
+  // Row t0 of (b, group of channel d): step-major, or state 0's step t0 when `state_major`.
+  const float* at(const ScanParams& p, int b, int d, int t0, bool state_major) const {
+    const int64_t bg = static_cast<int64_t>(b) * groups + d / (p.dim / groups);
+    return state_major ? states.data() + bg * p.dstate * p.seqlen + t0
+                       : steps.data() + (bg * p.seqlen + t0) * round8(p.dstate);
+  }
 };
 
+// Which layouts the channels read (without a per-channel mask: step-major only).
+struct Layouts {
+  bool steps = false, states = false;
+};
+Layouts layouts(const ScanParams& p) {
+  Layouts l;
+  for (int d = 0; d < p.dim && !(l.steps && l.states); ++d) (gathers(p, d) ? l.states : l.steps) = true;
+  return l;
+}
+
 // width: NP, or the states of a packed channel (pack_width).
-Rows variable_rows(const Operand& x, bool variable, int groups, int width, const ScanParams& p) {
+Rows variable_rows(const Operand& x, bool variable, int groups, int width, const ScanParams& p, Layouts layouts) {
   constexpr int kBlock = 64;  // steps per task: a (64, N) tile stays in cache while it is transposed
   Rows rows;
   if (!variable) return rows;
   const int N = p.dstate, L = p.seqlen, np = round8(N);
   rows.groups = groups;
-  rows.state_major = p.kept != nullptr;
   rows.width = width;
-  if (rows.state_major) {
-    rows.data.resize(static_cast<size_t>(p.batch) * groups * N * L);
+  if (layouts.states) {
+    rows.states.resize(static_cast<size_t>(p.batch) * groups * N * L);
     const int64_t tasks = static_cast<int64_t>(p.batch) * groups * N;
 #pragma omp parallel for num_threads(p.num_threads) schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t bg = task / N, n = task % N, b = bg / groups, g = bg % groups;
-      load_row(x.data, b * x.stride0 + g * x.stride1 + n * x.stride2, x.dtype, L, rows.data.data() + task * L);
+      load_row(x.data, b * x.stride0 + g * x.stride1 + n * x.stride2, x.dtype, L, rows.states.data() + task * L);
     }
-    return rows;
   }
-  rows.data.resize(static_cast<size_t>(p.batch) * groups * L * np);  // zero-filled: the padding
+  if (!layouts.steps) return rows;
+  rows.steps.resize(static_cast<size_t>(p.batch) * groups * L * np);  // zero-filled: the padding
   const int blocks = (L + kBlock - 1) / kBlock;
   const int64_t tasks = static_cast<int64_t>(p.batch) * groups * blocks;
 #pragma omp parallel for num_threads(p.num_threads) schedule(static)
@@ -514,7 +537,7 @@ Rows variable_rows(const Operand& x, bool variable, int groups, int width, const
     const int64_t bg = task / blocks;
     const int64_t b = bg / groups, g = bg % groups;
     const int t0 = blk * kBlock, t1 = std::min(L, t0 + kBlock);
-    float* dst = rows.data.data() + (bg * L) * np;
+    float* dst = rows.steps.data() + (bg * L) * np;
     const int64_t src = b * x.stride0 + g * x.stride1;
     for (int n = 0; n < N; ++n) {
       const int64_t row = src + n * x.stride2;
@@ -534,6 +557,7 @@ struct Scratch {
   std::vector<float> delta, delta_grad, delta_u, decay, y, dy, ddelta, du, dz;  // (chunk,)
   std::vector<float> raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
   std::vector<float> hist, hist_decay, B_gather, C_gather, dB_gather, dC_gather;  // (chunk, NP)
+  std::vector<uint32_t> keep;  // (NP,) a channel masked in place: all ones for its kept states, else 0
 
   Scratch(int N, int chunk, bool backward, bool gather)
       : A(round8(N)), A_scaled(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)),
@@ -542,7 +566,7 @@ struct Scratch {
         z(chunk), dout(chunk) {
     const size_t rows = static_cast<size_t>(chunk) * round8(N);
     if (backward) hist.resize(rows), hist_decay.resize(rows);
-    if (gather) B_gather.resize(rows), C_gather.resize(rows);
+    if (gather) B_gather.resize(rows), C_gather.resize(rows), keep.resize(round8(N));
     if (gather && backward) dB_gather.resize(rows), dC_gather.resize(rows);
   }
 };
@@ -626,9 +650,33 @@ COMPRESSM_ALWAYS_INLINE void scatter_add_columns_impl(const ScatterArgs& a) {
 }
 COMPRESSM_DISPATCH(scatter_add_columns, ScatterArgs)
 
+// T step rows of np lanes with a channel's dropped states zeroed: out[t·np + k] = rows[t·np + k] & keep[k].
+struct MaskArgs {
+  const float* rows;
+  int T, np;
+  const uint32_t* keep;
+  float* out;
+};
+
+COMPRESSM_ALWAYS_INLINE void mask_rows_impl(const MaskArgs& a) {
+  for (int t = 0; t < a.T; ++t) {
+    for (int k = 0; k < a.np; k += 8) {
+      v8u v, keep;
+      __builtin_memcpy(&v, a.rows + t * a.np + k, sizeof(v));
+      __builtin_memcpy(&keep, a.keep + k, sizeof(keep));
+      v &= keep;
+      __builtin_memcpy(a.out + t * a.np + k, &v, sizeof(v));
+    }
+  }
+}
+COMPRESSM_DISPATCH(mask_rows, MaskArgs)
+
 // Where a channel's B and C rows for steps [t0, t0 + T) live: row t of B at B + t·ldb, entry k = its k-th kept
-// state (likewise C). Variable without per-channel mask: the step-major rows themselves (ld = NP); with one:
-// gathered from the state-major rows into the scratch (ld = rp); time-invariant: the channel's vector (ld = 0).
+// state (likewise C). Variable: the step-major rows themselves (ld = NP); with kept states to gather, gathered
+// from the state-major rows into the scratch (ld = rp); with states masked in place (keep), the step-major rows
+// masked into the scratch (ld = NP), C only for the backward (!forward: the forward's dropped states are 0
+// whatever C is; the backward's are 0 with B masked, and get no gradient with C masked). Time-invariant: the
+// channel's vector (ld = 0).
 struct ChannelRows {
   const float* B;
   int64_t ldb;
@@ -637,26 +685,22 @@ struct ChannelRows {
 };
 
 ChannelRows channel_rows(const Rows& B, const Rows& C, const ScanParams& p, int b, int d, int t0, int r,
-                         const int32_t* kept, int T, Scratch& s) {
-  const int N = p.dstate, L = p.seqlen, np = round8(N);
-  // Row t0 of (b, this channel's group): step-major, or state 0's step t0 when state-major.
-  auto base = [&](const Rows& rows) {
-    const int64_t bg = static_cast<int64_t>(b) * rows.groups + d / (p.dim / rows.groups);
-    return rows.data.data() + (rows.state_major ? bg * N * L + t0 : (bg * L + t0) * np);
-  };
+                         const int32_t* kept, const uint32_t* keep, int T, bool forward, Scratch& s) {
+  const int np = round8(p.dstate);
   ChannelRows out{s.B_inv.data(), 0, s.C_inv.data(), 0};
-  if (p.b_variable && kept != nullptr) {
-    gather_columns({base(B), L, T, r, kept, s.B_gather.data()});
-    out.B = s.B_gather.data(), out.ldb = round8(r);
-  } else if (p.b_variable) {
-    out.B = base(B), out.ldb = np;
-  }
-  if (p.c_variable && kept != nullptr) {
-    gather_columns({base(C), L, T, r, kept, s.C_gather.data()});
-    out.C = s.C_gather.data(), out.ldc = round8(r);
-  } else if (p.c_variable) {
-    out.C = base(C), out.ldc = np;
-  }
+  auto rows_of = [&](const Rows& rows, float* scratch, bool masked, const float*& at, int64_t& ld) {
+    if (kept != nullptr) {
+      gather_columns({rows.at(p, b, d, t0, true), p.seqlen, T, r, kept, scratch});
+      at = scratch, ld = round8(r);
+    } else if (keep != nullptr && masked) {
+      mask_rows({rows.at(p, b, d, t0, false), T, np, keep, scratch});
+      at = scratch, ld = np;
+    } else {
+      at = rows.at(p, b, d, t0, false), ld = np;
+    }
+  };
+  if (p.b_variable) rows_of(B, s.B_gather.data(), true, out.B, out.ldb);
+  if (p.c_variable) rows_of(C, s.C_gather.data(), !forward, out.C, out.ldc);
   return out;
 }
 
@@ -666,6 +710,7 @@ ChannelRows channel_rows(const Rows& B, const Rows& C, const ScanParams& p, int 
 struct Channel {
   int b, d, r;
   const int32_t* kept;  // nullptr: all N states in order
+  const uint32_t* keep = nullptr;  // its states masked in place (gathers): Scratch::keep; nullptr: none dropped
   int64_t act;          // offset of (b, d, 0) in u / delta / z / dout
   int64_t dense;        // offset of (b, d, 0) in the contiguous (Bt, D, L) outputs
   float D, bias;
@@ -675,9 +720,15 @@ struct Channel {
 
   Channel() = default;
   Channel(const ScanParams& p, int b_, int d_, Scratch& s) : b(b_), d(d_) {
-    const int N = p.dstate;
-    r = p.ranks ? p.ranks[d] : N;
-    kept = p.kept ? p.kept + static_cast<int64_t>(d) * N : nullptr;
+    const int N = p.dstate, rank = p.ranks ? p.ranks[d] : N;
+    const int32_t* kept_states = p.kept ? p.kept + static_cast<int64_t>(d) * N : nullptr;
+    kept = gathers(p, d) ? kept_states : nullptr;
+    r = kept ? rank : N;
+    if (kept_states && !kept && rank < N) {  // masked in place
+      std::fill(s.keep.begin(), s.keep.end(), 0u);
+      for (int k = 0; k < rank; ++k) s.keep[kept_states[k]] = ~0u;
+      keep = s.keep.data();
+    }
     act = b * p.u.stride0 + d * p.u.stride1;
     dense = (static_cast<int64_t>(b) * p.dim + d) * p.seqlen;
     D = p.D ? p.D[d] : 0.0f;
@@ -689,11 +740,15 @@ struct Channel {
       if (!p.c_variable) s.C_inv[k] = static_cast<const float*>(p.C.data)[d * p.C.stride0 + n * p.C.stride1];
     }
     for (int k = r; k < round8(r); ++k) s.A[k] = s.B_inv[k] = s.C_inv[k] = 0.0f;
+    for (int k = 0; keep && k < r; ++k) {  // time-invariant B/C masked in place as the rows are
+      if (!keep[k]) s.B_inv[k] = s.C_inv[k] = 0.0f;
+    }
     // The forward's A, 8/ln2 folded in once per call (decay_scaled); the backward's gradients take A itself.
     for (int k = 0; k < round8(r); ++k) s.A_scaled[k] = s.A[k] * kEighthsPerNat;
     shared_A = r > 1 && std::all_of(s.A.begin() + 1, s.A.begin() + r, [&](float A) { return A == s.A[0]; });
   }
   int state(int k) const { return kept ? kept[k] : k; }
+  bool dropped(int k) const { return keep && !keep[k]; }
 };
 
 // Asks the cache for T elements of a row from element offset `off` (for writing when kWrite).
@@ -755,7 +810,7 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
   for (int c = 0; c < n_chunks; ++c) {
     const int t0 = c * p.chunk, T = std::min(p.chunk, p.seqlen - t0);
     const float* u = load_steps(p, ch, t0, T, false, s);
-    const ChannelRows rows = channel_rows(B, C, p, b, d, t0, ch.r, ch.kept, T, s);
+    const ChannelRows rows = channel_rows(B, C, p, b, d, t0, ch.r, ch.kept, ch.keep, T, true, s);
     float* y = steps_out(p.out, p.u.dtype, ch.dense + t0, s.y);
     forward_pass<false>({ch.r, T, s.A_scaled.data(), s.h.data(), s.delta.data(), s.delta_u.data(), rows.B, rows.ldb,
                          rows.C, rows.ldc, y, nullptr, ch.shared_A ? s.decay.data() : nullptr});
@@ -767,17 +822,25 @@ void channel_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, i
   }
 }
 
+// A thread's partial dB (or dC) rows of one batch, in the layouts of B's (C's) rows: step-major (G, L, NP) for the
+// channels that read the step-major rows, state-major (G, N, L) for those that gather their kept states (each
+// nullptr when no channel writes it). The channels of a group add into the same rows.
+struct Partial {
+  float* steps = nullptr;
+  float* states = nullptr;
+};
+
 // Backward of one (batch, channel): dB/dC of variable B/C go to this thread's partial rows for batch b, in
 // their Rows' layout ((G, L, NP) step-major, (G, N, L) state-major); everything per channel (dA, dD,
 // ddelta_bias, invariant dB/dC) is added to the outputs directly (the caller runs batches one after another,
 // so no two threads share a channel).
-void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s, float* dB_part,
-                      float* dC_part) {
+void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s, Partial dB_part,
+                      Partial dC_part) {
   const Channel ch(p, b, d, s);
   const int N = p.dstate, np = round8(N), r = ch.r, rp = round8(r), n_chunks = p.n_chunks();
   const int64_t bd = static_cast<int64_t>(b) * p.dim + d;
   std::fill_n(s.carry.begin(), rp, 0.0f);
-  for (int k = 0; k < r; ++k) s.carry[k] = p.dlast ? p.dlast[bd * N + ch.state(k)] : 0.0f;
+  for (int k = 0; k < r; ++k) s.carry[k] = p.dlast && !ch.dropped(k) ? p.dlast[bd * N + ch.state(k)] : 0.0f;
   std::fill_n(s.dA.begin(), rp, 0.0f);
   std::fill_n(s.dB_inv.begin(), rp, 0.0f);
   std::fill_n(s.dC_inv.begin(), rp, 0.0f);
@@ -802,7 +865,7 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
       if (p.z.data) prefetch_row<true>(p.dz, ch.dense + t_prev, p.z.dtype, p.chunk);
     }
     const float* u = load_steps(p, ch, t0, T, true, s);
-    const ChannelRows rows = channel_rows(B, C, p, b, d, t0, r, ch.kept, T, s);
+    const ChannelRows rows = channel_rows(B, C, p, b, d, t0, r, ch.kept, ch.keep, T, false, s);
 
     // Recompute the chunk's states from the carry saved by the forward.
     const float* saved = p.carries + (bd * n_chunks + c - 1) * N;
@@ -816,9 +879,10 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     const float* dy = gate_backward(p, ch, t0, T, u, s.y.data(), s, &dD);
 
     // This channel's group rows of the thread's partial dB/dC, from step t0.
-    auto part_rows = [&](float* part, const Rows& rows) {
+    auto part_rows = [&](const Partial& part, const Rows& rows) -> float* {
       const int64_t g = d / (p.dim / rows.groups);
-      return part ? part + (rows.state_major ? g * N * p.seqlen + t0 : (g * p.seqlen + t0) * np) : nullptr;
+      if (ch.kept) return part.states ? part.states + g * N * p.seqlen + t0 : nullptr;
+      return part.steps ? part.steps + (g * p.seqlen + t0) * np : nullptr;
     };
     float* dB_rows = part_rows(dB_part, B);
     float* dC_rows = part_rows(dC_part, C);
@@ -1145,12 +1209,8 @@ void pack_load_steps(const ScanParams& p, const Pack& pk, int t0, int T, bool gr
 
 // Row t0 of the pack's variable B (or C) rows, ld NP; or its time-invariant lanes, ld 0.
 ChannelRows pack_rows(const Rows& B, const Rows& C, const ScanParams& p, const Pack& pk, int b, int d0, int t0) {
-  auto base = [&](const Rows& rows) {
-    const int64_t bg = static_cast<int64_t>(b) * rows.groups + d0 / (p.dim / rows.groups);
-    return rows.data.data() + (bg * p.seqlen + t0) * 8;
-  };
-  return {p.b_variable ? base(B) : pk.B_inv, p.b_variable ? 8 : 0, p.c_variable ? base(C) : pk.C_inv,
-          p.c_variable ? 8 : 0};
+  return {p.b_variable ? B.at(p, b, d0, t0, false) : pk.B_inv, p.b_variable ? 8 : 0,
+          p.c_variable ? C.at(p, b, d0, t0, false) : pk.C_inv, p.c_variable ? 8 : 0};
 }
 
 void pack_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d0, int w, PackScratch& ps) {
@@ -1182,7 +1242,7 @@ void pack_forward(const ScanParams& p, const Rows& B, const Rows& C, int b, int 
 
 // channel_backward for a pack: dB/dC of variable B/C go to the thread's partial rows (packed lanes).
 void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d0, int w, PackScratch& ps,
-                   float* dB_part, float* dC_part) {
+                   Partial dB_part, Partial dC_part) {
   const Pack pk(p, b, d0, w, ps);
   const int N = p.dstate, n_chunks = p.n_chunks();
   alignas(32) float carry[8] = {}, dA[8] = {}, dB_inv[8] = {}, dC_inv[8] = {}, h_in[8], h[8];
@@ -1217,8 +1277,8 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
     }
 
     // The pack's group rows of the thread's partial dB/dC from step t0, or its invariant lanes.
-    auto part_rows = [&](float* part, const Rows& rows) {
-      return part + (static_cast<int64_t>(d0 / (p.dim / rows.groups)) * p.seqlen + t0) * 8;
+    auto part_rows = [&](const Partial& part, const Rows& rows) {
+      return part.steps + (static_cast<int64_t>(d0 / (p.dim / rows.groups)) * p.seqlen + t0) * 8;
     };
     float* dBp = p.b_variable ? part_rows(dB_part, B) : dB_inv;
     float* dCp = p.c_variable ? part_rows(dC_part, C) : dC_inv;
@@ -1257,25 +1317,53 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
   }
 }
 
-// dB[b] (G, N, L) = Σ over threads of their partial rows (in the layout of `rows`), in the output's dtype.
-void reduce_partials(const std::vector<float>& parts, int64_t part_size, int threads, const Rows& rows, int N, int L,
-                     void* out, DType dtype, int b, std::vector<float>& tile) {
-  const int groups = rows.groups;
+// Every thread's partial rows of one operand (Partial), `size` floats per thread and layout.
+struct Partials {
+  int64_t steps_size = 0, states_size = 0;
+  std::vector<float> steps, states;
+
+  Partials(const Rows& rows, bool variable, Layouts layouts, const ScanParams& p) {
+    if (!variable) return;
+    const int64_t per_step = static_cast<int64_t>(rows.groups) * p.seqlen;
+    steps_size = layouts.steps ? per_step * round8(p.dstate) : 0;
+    states_size = layouts.states ? per_step * p.dstate : 0;
+    steps.resize(steps_size * p.num_threads);
+    states.resize(states_size * p.num_threads);
+  }
+  Partial of(int th) {
+    return {steps_size ? steps.data() + th * steps_size : nullptr,
+            states_size ? states.data() + th * states_size : nullptr};
+  }
+  void zero(int th) {
+    std::fill_n(steps.begin() + th * steps_size, steps_size, 0.0f);
+    std::fill_n(states.begin() + th * states_size, states_size, 0.0f);
+  }
+};
+
+// dB[b] (G, N, L) = Σ over threads of their partial rows, in the output's dtype.
+void reduce_partials(const Partials& parts, int threads, const Rows& rows, int N, int L, void* out, DType dtype, int b,
+                     std::vector<float>& tile) {
+  const int groups = rows.groups, np = round8(N);
   const int64_t dst0 = static_cast<int64_t>(b) * groups * N * L;
-  if (rows.state_major) {  // the partials are already (G, N, L): sum state rows
+  if (parts.states_size) {  // sum state rows, and the step-major partials' column of that state (no packing here)
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < static_cast<int64_t>(groups) * N; ++row) {
       std::fill_n(tile.begin(), L, 0.0f);
       for (int th = 0; th < threads; ++th) {
-        const float* src = parts.data() + th * part_size + row * L;
+        const float* src = parts.states.data() + th * parts.states_size + row * L;
         for (int t = 0; t < L; ++t) tile[t] += src[t];
+      }
+      const int64_t g = row / N, n = row % N;
+      for (int th = 0; th < threads && parts.steps_size; ++th) {
+        const float* src = parts.steps.data() + th * parts.steps_size + g * L * np + n;
+        for (int t = 0; t < L; ++t) tile[t] += src[static_cast<int64_t>(t) * np];
       }
       store_row(out, dst0 + row * L, dtype, L, tile.data());
     }
     return;
   }
   constexpr int kBlock = 32;
-  const int blocks = (L + kBlock - 1) / kBlock, np = round8(N);
+  const int blocks = (L + kBlock - 1) / kBlock;
 #pragma omp for schedule(static)
   for (int64_t task = 0; task < static_cast<int64_t>(groups) * blocks; ++task) {
     const int g = static_cast<int>(task / blocks), t0 = static_cast<int>(task % blocks) * kBlock;
@@ -1283,7 +1371,7 @@ void reduce_partials(const std::vector<float>& parts, int64_t part_size, int thr
     const int64_t off = (static_cast<int64_t>(g) * L + t0) * np;
     std::fill_n(tile.begin(), static_cast<size_t>(T) * np, 0.0f);
     for (int th = 0; th < threads; ++th) {
-      const float* src = parts.data() + th * part_size + off;
+      const float* src = parts.steps.data() + th * parts.steps_size + off;
       for (int i = 0; i < T * np; ++i) tile[i] += src[i];
     }
     const int64_t dst = dst0 + static_cast<int64_t>(g) * N * L + t0;
@@ -1301,8 +1389,9 @@ void reduce_partials(const std::vector<float>& parts, int64_t part_size, int thr
 
 void scan_fwd(const ScanParams& p) {
   const int w = pack_width(p), width = w ? w : round8(p.dstate);  // a channel's lanes in the B/C rows
-  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, width, p);
-  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, width, p);
+  const Layouts l = layouts(p);
+  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, width, p, l);
+  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, width, p, l);
   // Tasks: (batch, channel) pairs, or (batch, pack of 8 / w channels) with packing.
   const int per_task = w ? 8 / w : 1, tasks_per_batch = (p.dim + per_task - 1) / per_task;
   const int64_t tasks = static_cast<int64_t>(p.batch) * tasks_per_batch;
@@ -1327,21 +1416,16 @@ void scan_fwd(const ScanParams& p) {
 
 void scan_bwd(const ScanParams& p) {
   const int N = p.dstate, L = p.seqlen, w = pack_width(p), width = w ? w : round8(N);
-  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, width, p);
-  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, width, p);
+  const Layouts l = layouts(p);
+  const Rows B = variable_rows(p.B, p.b_variable, p.groups_b, width, p, l);
+  const Rows C = variable_rows(p.C, p.c_variable, p.groups_c, width, p, l);
   std::fill_n(p.dA, static_cast<int64_t>(p.dim) * N, 0.0f);
   if (!p.b_variable) std::fill_n(static_cast<float*>(p.dB), static_cast<int64_t>(p.dim) * N, 0.0f);
   if (!p.c_variable) std::fill_n(static_cast<float*>(p.dC), static_cast<int64_t>(p.dim) * N, 0.0f);
   if (p.dD) std::fill_n(p.dD, p.dim, 0.0f);
   if (p.ddelta_bias) std::fill_n(p.ddelta_bias, p.dim, 0.0f);
 
-  // Per-thread partial dB/dC rows of one batch, in the layout of B's / C's rows: channels of a group add into
-  // the same rows.
-  const auto part_size = [&](const Rows& rows, bool variable) {
-    return variable ? static_cast<int64_t>(rows.groups) * L * (rows.state_major ? N : round8(N)) : 0;
-  };
-  const int64_t part_b = part_size(B, p.b_variable), part_c = part_size(C, p.c_variable);
-  std::vector<float> parts_b(part_b * p.num_threads), parts_c(part_c * p.num_threads);
+  Partials parts_b(B, p.b_variable, l, p), parts_c(C, p.c_variable, l, p);
 #pragma omp parallel num_threads(p.num_threads)
   {
     std::optional<Scratch> s;  // one of the two
@@ -1354,11 +1438,10 @@ void scan_bwd(const ScanParams& p) {
     const int per_task = w ? 8 / w : 1, tasks = (p.dim + per_task - 1) / per_task;
     std::vector<float> tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
     const int th = omp_get_thread_num(), threads = omp_get_num_threads();
-    float* my_b = p.b_variable ? parts_b.data() + th * part_b : nullptr;
-    float* my_c = p.c_variable ? parts_c.data() + th * part_c : nullptr;
+    const Partial my_b = parts_b.of(th), my_c = parts_c.of(th);
     for (int b = 0; b < p.batch; ++b) {
-      if (my_b) std::fill_n(my_b, part_b, 0.0f);
-      if (my_c) std::fill_n(my_c, part_c, 0.0f);
+      parts_b.zero(th);
+      parts_c.zero(th);
       // Runs of 16 tasks dealt round-robin: a fixed assignment keeps the sums (and results) reproducible; dealing
       // balances per-channel ranks; and a run's rows of dA, dD and ddelta_bias fill whole cache lines, so two threads
       // never write one (dealt one task at a time, they did: the backward 4-5 % slower at N = 8 and 16).
@@ -1370,8 +1453,8 @@ void scan_bwd(const ScanParams& p) {
           channel_backward(p, B, C, b, task, *s, my_b, my_c);
         }
       }
-      if (p.b_variable) reduce_partials(parts_b, part_b, threads, B, N, L, p.dB, p.B.dtype, b, tile);
-      if (p.c_variable) reduce_partials(parts_c, part_c, threads, C, N, L, p.dC, p.C.dtype, b, tile);
+      if (p.b_variable) reduce_partials(parts_b, threads, B, N, L, p.dB, p.B.dtype, b, tile);
+      if (p.c_variable) reduce_partials(parts_c, threads, C, N, L, p.dC, p.C.dtype, b, tile);
     }
   }
 }
