@@ -2,13 +2,13 @@
 
 - ``compressm_kernels._C``: the C++ CPU kernels in ``csrc/cpu`` (OpenMP), built everywhere.
 - ``compressm_kernels._C_cuda``: the CUDA kernels in ``csrc/cuda`` (``.cu`` without torch headers, one
-  binding ``.cpp``), built when nvcc is found.
+  binding ``.cpp``), built when nvcc is found and torch is a CUDA build.
 
 Environment (no network, no git, no nvidia-smi):
     COMPRESSM_NO_EXTENSIONS=1      build no compiled extension (pure-Python install; scripts/bootstrap.sh
                                    compiles them in place first and then installs the package editable)
     COMPRESSM_SKIP_CUDA_BUILD=1    never build the CUDA extension
-    COMPRESSM_FORCE_CUDA_BUILD=1   build it even when nvcc is not found (fails loudly instead)
+    COMPRESSM_FORCE_CUDA_BUILD=1   build it even when nvcc or torch's CUDA is missing (fails loudly instead)
     COMPRESSM_CUDA_ARCHS="8.0;9.0" compute capabilities; PTX is added for the newest
     MAX_JOBS=N                     parallel compile jobs (read by torch's ninja build)
     CUDA_HOME                      toolkit root; guessed from nvcc when unset
@@ -119,9 +119,13 @@ def extensions() -> tuple[list, dict]:
                 extra_link_args=["-fopenmp", *link_libstdcxx],
             )
         )
+    import torch
+
     want_cuda = bool(cuda_sources) and not _flag("COMPRESSM_SKIP_CUDA_BUILD")
     have_nvcc = os.environ.get("CUDA_HOME") is not None
-    if want_cuda and (have_nvcc or _flag("COMPRESSM_FORCE_CUDA_BUILD")):
+    # A CPU-only torch (pip's +cpu wheels) beside a CUDA toolkit: it has no CUDA libraries to link against.
+    torch_cuda = torch.version.cuda is not None
+    if want_cuda and ((have_nvcc and torch_cuda) or _flag("COMPRESSM_FORCE_CUDA_BUILD")):
         nvcc_flags = [
             "-O3",
             "-std=c++17",
@@ -140,7 +144,8 @@ def extensions() -> tuple[list, dict]:
             )
         )
     elif want_cuda:
-        print("compressm_kernels: nvcc not found; building without the CUDA extension", file=sys.stderr)
+        missing = "nvcc not found" if not have_nvcc else f"torch {torch.__version__} is a CPU-only build"
+        print(f"compressm_kernels: {missing}; building without the CUDA extension", file=sys.stderr)
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
