@@ -10,6 +10,8 @@ Environment (no network, no git, no nvidia-smi):
     COMPRESSM_SKIP_CUDA_BUILD=1    never build the CUDA extension
     COMPRESSM_FORCE_CUDA_BUILD=1   build it even when nvcc or torch's CUDA is missing (fails loudly instead)
     COMPRESSM_CUDA_ARCHS="8.0;9.0" compute capabilities; PTX is added for the newest
+    COMPRESSM_NO_OPENMP=1          build the CPU kernels without OpenMP (one thread), as happens anyway when the
+                                   C++ compiler cannot build and link -fopenmp (Apple's clang)
     MAX_JOBS=N                     parallel compile jobs (read by torch's ninja build)
     CUDA_HOME                      toolkit root; guessed from nvcc when unset
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
@@ -71,6 +75,26 @@ def _wheel_cuda_includes() -> list[str]:
     return dirs
 
 
+def _openmp_flags() -> list[str]:
+    """["-fopenmp"] when the C++ compiler builds and links an OpenMP program, else [] (the CPU kernels then run on
+    one thread: their pragmas are ignored and the code guards its few OpenMP calls)."""
+    if _flag("COMPRESSM_NO_OPENMP"):
+        return []
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "probe.cpp"
+        source.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            built = subprocess.run([compiler, "-fopenmp", str(source), "-o", str(Path(tmp) / "probe")],
+                                   capture_output=True).returncode == 0
+        except OSError:
+            built = False
+    if not built:
+        print(f"compressm_kernels: {compiler} cannot build OpenMP code; the CPU kernels will run on one thread",
+              file=sys.stderr)
+    return ["-fopenmp"] if built else []
+
+
 def _sources(folder: str, *patterns: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for pat in patterns for p in (CSRC / folder).glob(pat))
 
@@ -104,6 +128,7 @@ def extensions() -> tuple[list, dict]:
     link_libstdcxx = ["-lstdc++"] if sys.platform.startswith("linux") else []  # macOS has libc++, Windows MSVC
     exts = []
     if cpu_sources:
+        openmp = _openmp_flags()
         exts.append(
             CppExtension(
                 "compressm_kernels._C",
@@ -114,9 +139,10 @@ def extensions() -> tuple[list, dict]:
                 # GCC from assuming int indices never overflow (decode steps 3-7 % slower with it); no -march:
                 # the AVX2 loops are chosen at run time (cpu_common.h).
                 extra_compile_args={
-                    "cxx": ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math", "-fno-wrapv"]
+                    "cxx": ["-O3", "-g0", *openmp, "-Wno-unknown-pragmas", "-ffp-contract=fast", "-fno-trapping-math",
+                            "-fno-wrapv"]
                 },
-                extra_link_args=["-fopenmp", *link_libstdcxx],
+                extra_link_args=[*openmp, *link_libstdcxx],
             )
         )
     import torch

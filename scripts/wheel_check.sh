@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the sdist and the wheel from this tree, check what each holds, install the wheel (not editable)
 # into a separate fresh virtualenv and smoke-test it there from outside the source tree; then build the sdist
-# against a CPU-only torch in a third virtualenv and smoke-test that wheel too.
+# against a CPU-only torch and without OpenMP in a third virtualenv and smoke-test that wheel too.
 # Needs scripts/bootstrap.sh first (reuses its torch install from the local disk and its build objects).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +72,7 @@ smoke_test "$WHEEL_VENV" "$wheel"
 
 # The sdist against a CPU-only torch (pip's +cpu build) on this machine, whose CUDA toolkit setup.py finds: it must
 # build the CPU kernels alone (it failed here, at torch's CUDAExtension, until setup.py checked torch.version.cuda).
+# Built without OpenMP too, as a compiler without it (Apple's clang) would build it: the same smoke test, one thread.
 CPU_TORCH_VENV=$(realpath -m "${COMPRESSM_CPU_TORCH_VENV:-.venv-cpu-torch}")
 [ -x "$CPU_TORCH_VENV/bin/python" ] || python3 -m venv "$CPU_TORCH_VENV"
 "$CPU_TORCH_VENV/bin/python" -c "import torch" 2>/dev/null \
@@ -79,6 +80,6 @@ CPU_TORCH_VENV=$(realpath -m "${COMPRESSM_CPU_TORCH_VENV:-.venv-cpu-torch}")
 "$CPU_TORCH_VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
   || { echo "$CPU_TORCH_VENV holds a CUDA build of torch, not a CPU-only one" >&2; exit 1; }
 rm -rf "$CPU_TORCH_VENV/dist"
-MAX_JOBS=${MAX_JOBS:-2} "$CPU_TORCH_VENV/bin/python" -m pip wheel -q --no-build-isolation --no-deps \
-  -w "$CPU_TORCH_VENV/dist" "$sdist"
+COMPRESSM_NO_OPENMP=1 MAX_JOBS=${MAX_JOBS:-2} "$CPU_TORCH_VENV/bin/python" -m pip wheel -q --no-build-isolation \
+  --no-deps -w "$CPU_TORCH_VENV/dist" "$sdist"
 smoke_test "$CPU_TORCH_VENV" "$(ls "$CPU_TORCH_VENV"/dist/*.whl)"

@@ -6,7 +6,9 @@
 // contiguous (and shared by every channel of the group). A channel runs its steps chunk by chunk; the
 // forward saves the state at each chunk end ("carries", (Bt, D, n_chunks, N)), the backward recomputes
 // a chunk's states from the previous carry, then runs the reverse recurrence over it.
+#if defined(_OPENMP)
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -1437,7 +1439,11 @@ void scan_bwd(const ScanParams& p) {
     }
     const int per_task = w ? 8 / w : 1, tasks = (p.dim + per_task - 1) / per_task;
     std::vector<float> tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
+#if defined(_OPENMP)
     const int th = omp_get_thread_num(), threads = omp_get_num_threads();
+#else  // built without OpenMP (setup.py): one thread, the pragmas ignored
+    const int th = 0, threads = 1;
+#endif
     const Partial my_b = parts_b.of(th), my_c = parts_c.of(th);
     for (int b = 0; b < p.batch; ++b) {
       parts_b.zero(th);
