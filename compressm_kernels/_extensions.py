@@ -63,14 +63,20 @@ def extension_unavailable_reason(name: str) -> str | None:
 
 def define_ops(extension: str, dispatch_key: str, schemas: list[str]) -> torch.library.Library:
     """Define the ops ``compressm::<schema>`` whose ``dispatch_key`` kernels ``extension`` registers in C++ when it
-    loads (TORCH_LIBRARY_IMPL), so that a call reaches the kernel with no Python in between. Without the extension
-    each op's kernel raises the reason and the fix instead. The ops live as long as the returned library: keep it."""
+    loads (TORCH_LIBRARY_IMPL), so that a call reaches the kernel with no Python in between. Without the extension,
+    or with one built from older sources that lacks an op's kernel, that kernel raises the reason and the fix
+    instead. The ops live as long as the returned library: keep it."""
     lib = torch.library.Library("compressm", "FRAGMENT")
     reason = extension_unavailable_reason(extension)  # loads the extension: its kernels register now
     for schema in schemas:
+        name = schema.split("(")[0]
         lib.define(schema)
-        if reason is not None:
-            lib.impl(schema.split("(")[0], functools.partial(_unavailable, reason), dispatch_key)
+        missing = reason
+        if missing is None and not torch._C._dispatch_has_kernel_for_dispatch_key(f"compressm::{name}", dispatch_key):
+            missing = (f"compressm_kernels.{extension} has no {dispatch_key} kernel for {name}: it was built from "
+                       f"older sources; {REBUILD}")
+        if missing is not None:
+            lib.impl(name, functools.partial(_unavailable, missing), dispatch_key)
     return lib
 
 

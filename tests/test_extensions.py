@@ -103,3 +103,16 @@ def test_cpu_kernels_are_registered_in_cpp(op: str) -> None:
     _built("_C")
     cpu_line = [line for line in torch._C._dispatch_dump(f"compressm::{op}").splitlines() if line.startswith("CPU:")]
     assert len(cpu_line) == 1 and "csrc/cpu/bindings.cpp" in cpu_line[0], cpu_line
+
+
+def test_ops_an_older_extension_lacks_raise_the_fix() -> None:
+    """A loaded extension built from older sources registers no kernel for a newer op: the op says to rebuild."""
+    import torch
+
+    _built("_C")
+    lib = _extensions.define_ops("_C", "CPU", ["test_op_the_extension_lacks(Tensor x) -> Tensor"])
+    try:
+        with pytest.raises(RuntimeError, match=r"_C has no CPU kernel for test_op_the_extension_lacks.*bootstrap"):
+            torch.ops.compressm.test_op_the_extension_lacks(torch.ones(2))
+    finally:
+        lib._destroy()
