@@ -712,7 +712,7 @@ ChannelRows channel_rows(const Rows& B, const Rows& C, const ScanParams& p, int 
 struct Channel {
   int b, d, r;
   const int32_t* kept;  // nullptr: all N states in order
-  const uint32_t* keep = nullptr;  // its states masked in place (gathers): Scratch::keep; nullptr: none dropped
+  const uint32_t* keep = nullptr;  // states masked in place (see gathers): Scratch::keep; nullptr: none dropped
   int64_t act;          // offset of (b, d, 0) in u / delta / z / dout
   int64_t dense;        // offset of (b, d, 0) in the contiguous (Bt, D, L) outputs
   float D, bias;
@@ -832,8 +832,8 @@ struct Partial {
   float* states = nullptr;
 };
 
-// Backward of one (batch, channel): dB/dC of variable B/C go to this thread's partial rows for batch b, in
-// their Rows' layout ((G, L, NP) step-major, (G, N, L) state-major); everything per channel (dA, dD,
+// Backward of one (batch, channel): dB/dC of variable B/C go to this thread's partial rows for batch b, in the
+// layout of the rows the channel reads (Partial); everything per channel (dA, dD,
 // ddelta_bias, invariant dB/dC) is added to the outputs directly (the caller runs batches one after another,
 // so no two threads share a channel).
 void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int d, Scratch& s, Partial dB_part,
@@ -1319,7 +1319,7 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
   }
 }
 
-// Every thread's partial rows of one operand (Partial), `size` floats per thread and layout.
+// Every thread's partial rows of one operand (Partial): steps_size and states_size floats per thread.
 struct Partials {
   int64_t steps_size = 0, states_size = 0;
   std::vector<float> steps, states;
