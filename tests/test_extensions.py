@@ -111,3 +111,17 @@ def test_cpu_kernels_are_registered_in_cpp(op: str) -> None:
     _built("_C")
     cpu_line = [line for line in torch._C._dispatch_dump(f"compressm::{op}").splitlines() if line.startswith("CPU:")]
     assert len(cpu_line) == 1 and "csrc/cpu/bindings.cpp" in cpu_line[0], cpu_line
+
+
+def test_backprop_through_a_raw_cpu_op_raises() -> None:
+    """The ops' gradients come from the autograd.Functions around them: backprop through an op called directly
+    raises rather than warn and leave the gradient missing."""
+    import torch
+
+    from compressm_kernels.ops import conv1d_cpu
+
+    _built("_C")
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    out = conv1d_cpu.causal_conv1d_fwd_cpu(x, torch.randn(4, 3), None, True)
+    with pytest.raises(RuntimeError, match="derivative for compressm::causal_conv1d_fwd_cpu is not implemented"):
+        out.sum().backward()

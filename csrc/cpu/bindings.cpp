@@ -2,6 +2,7 @@
 // that includes torch's headers; the kernels take raw pointers (scan_cpu.h).
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -442,6 +443,15 @@ TORCH_LIBRARY_IMPL(compressm, CPU, m) {
   m.impl("selective_scan_bwd_cpu", &scan_bwd);
   m.impl("causal_conv1d_fwd_cpu", &conv1d_fwd);
   m.impl("causal_conv1d_bwd_cpu", &conv1d_bwd);
+}
+
+// Their autograd is the Python autograd.Functions around them; backprop through an op called directly raises
+// ("derivative ... is not implemented") instead of torch's default warning and silently missing gradients.
+TORCH_LIBRARY_IMPL(compressm, Autograd, m) {
+  for (const char* op : {"selective_scan_fwd_cpu", "selective_scan_bwd_cpu", "causal_conv1d_fwd_cpu",
+                         "causal_conv1d_bwd_cpu"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
