@@ -1444,14 +1444,17 @@ void scan_bwd(const ScanParams& p) {
 #else  // built without OpenMP (setup.py): one thread, the pragmas ignored
     const int th = 0, threads = 1;
 #endif
+    const int run = w ? std::max(1, (tasks + threads - 1) / threads) : 16;
     const Partial my_b = parts_b.of(th), my_c = parts_c.of(th);
     for (int b = 0; b < p.batch; ++b) {
       parts_b.zero(th);
       parts_c.zero(th);
-      // Runs of 16 tasks dealt round-robin: a fixed assignment keeps the sums (and results) reproducible; dealing
-      // balances per-channel ranks; and a run's rows of dA, dD and ddelta_bias fill whole cache lines, so two threads
-      // never write one (dealt one task at a time, they did: the backward 4-5 % slower at N = 8 and 16).
-#pragma omp for schedule(static, 16)
+      // A fixed assignment keeps the sums (and results) reproducible. Channels go in runs of 16 dealt round-robin:
+      // dealing balances per-channel ranks, and a run's rows of dA, dD and ddelta_bias fill whole cache lines, so
+      // two threads never write one (dealt one channel at a time, they did: the backward 4-5 % slower at N = 8 and
+      // 16). Packs (no ranks) go in one block per thread: runs of 16 packs left a D = 128, N = 1 batch row (16
+      // packs) to one thread, and runs of 16 channels were 2-4 % slower than blocks at N = 2.
+#pragma omp for schedule(static, run)
       for (int task = 0; task < tasks; ++task) {
         if (w) {
           pack_backward(p, B, C, b, task * per_task, w, *ps, my_b, my_c);
