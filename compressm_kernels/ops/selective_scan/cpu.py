@@ -39,7 +39,7 @@ def chunk_size(dstate: int) -> int:
     return min(MAX_CHUNK, CHUNK_BYTES // (4 * padded) // 8 * 8)
 
 
-# ------------------------------------------------------------------------------------------ custom ops
+# ------------------------------------------------------------------------------------------------- ops
 
 
 # The scan's CPU kernels, registered by the extension (bindings.cpp), which this loads now (for torch.compile: see
