@@ -4,6 +4,7 @@ from ._version import __version__
 from .calibration import calibrate, find_mixers
 from .hankel import HankelAccumulator, HankelEnergies, hankel_from_arrays, hankel_from_moments
 from .modules import Mamba
+from .ops.cpu_cache import cpu_cache_info, empty_cpu_cache
 from .ops.mamba_inner import mamba_inner_fn
 from .ops.selective_scan import (
     BACKENDS,
@@ -40,6 +41,8 @@ __all__ = [
     "calibrate",
     "compact_scan_args",
     "compress_model",
+    "cpu_cache_info",
+    "empty_cpu_cache",
     "find_mixers",
     "hankel_from_arrays",
     "hankel_from_moments",

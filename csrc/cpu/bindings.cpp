@@ -1,5 +1,5 @@
-// compressm_kernels._C: the tensor side of the CPU kernels (checks, allocation, params). The only file
-// that includes torch's headers; the kernels take raw pointers (scan_cpu.h).
+// compressm_kernels._C: the tensor side of the CPU kernels (checks, allocation, params). With output_cache.cpp,
+// the only file that includes torch's headers; the kernels take raw pointers (scan_cpu.h).
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "output_cache.h"
 #include "scan_cpu.h"
 
 namespace {
@@ -170,8 +171,9 @@ std::tuple<Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const 
                                     bool delta_softplus, int64_t chunk) {
   ScanSetup s = setup_scan(u, delta, A, B, C, D, z, delta_bias, ranks, kept, delta_softplus, chunk);
   auto& p = s.p;
-  Tensor out = at::empty(u.sizes(), u.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor carries = at::empty({p.batch, p.dim, p.n_chunks(), p.dstate}, u.options().dtype(at::kFloat));
+  Tensor out = compressm::cpu::empty_output(u.sizes(), u.options());
+  Tensor carries =
+      compressm::cpu::empty_output({p.batch, p.dim, p.n_chunks(), p.dstate}, u.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.carries = carries.data_ptr<float>();
   compressm::cpu::scan_fwd(p);
@@ -195,8 +197,7 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
     p.dlast = dlast_c.data_ptr<float>();
   }
   const auto f32 = u.options().dtype(at::kFloat);
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  auto grad_of = [&](const Tensor& t) { return at::empty(t.sizes(), t.options().memory_format(contiguous)); };
+  auto grad_of = [&](const Tensor& t) { return compressm::cpu::empty_output(t.sizes(), t.options()); };
   Tensor du = grad_of(u);
   Tensor ddelta = grad_of(delta);
   Tensor dA = at::empty({dim, dstate}, f32);
@@ -379,7 +380,7 @@ Conv1dSetup setup_conv1d(const Tensor& x, const Tensor& weight, const OptTensor&
 
 Tensor conv1d_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias, bool silu) {
   Conv1dSetup s = setup_conv1d(x, weight, bias, silu);
-  Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = compressm::cpu::empty_output(x.sizes(), x.options());
   s.p.out = out.data_ptr();
   compressm::cpu::conv1d_fwd(s.p);
   return out;
@@ -391,7 +392,7 @@ std::vector<Tensor> conv1d_bwd(const Tensor& x, const Tensor& weight, const OptT
   Conv1dSetup s = setup_conv1d(x, weight, bias, silu);
   auto& p = s.p;
   p.dout = activation(dout, "dout", p.batch, p.dim, p.seqlen);
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dx = compressm::cpu::empty_output(x.sizes(), x.options());
   Tensor dweight = at::empty({p.dim, p.width}, x.options().dtype(at::kFloat));
   Tensor dbias = at::empty({bias.has_value() ? p.dim : 0}, x.options().dtype(at::kFloat));
   p.dx = dx.data_ptr();
@@ -470,6 +471,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv1d_update", &conv1d_update, "one decode step of the conv, conv_state shifted in place -> out",
         py::arg("x"), py::arg("conv_state"), py::arg("weight"), py::arg("bias"), py::arg("silu"));
   m.def("cpu_isa", &compressm::cpu::isa, "the loops the CPU kernels run: avx2+fma or baseline");
+  m.def(
+      "output_cache_info",
+      [] {
+        const auto i = compressm::cpu::output_cache_info();
+        return py::dict(py::arg("live_bytes") = i.live_bytes, py::arg("idle_bytes") = i.idle_bytes,
+                        py::arg("idle_blocks") = i.idle_blocks, py::arg("limit_bytes") = i.limit_bytes,
+                        py::arg("hits") = i.hits, py::arg("misses") = i.misses);
+      },
+      "the CPU kernels' output cache: bytes in tensors, idle bytes and blocks, its limit, hits and misses so far");
+  m.def("empty_output_cache", &compressm::cpu::empty_output_cache, "free the output cache's idle blocks");
   m.def("state_update", &state_update, "one decode step, state updated in place -> out", py::arg("state"),
         py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("dt_bias"), py::arg("ranks"), py::arg("kept"), py::arg("dt_softplus"));

@@ -1,0 +1,27 @@
+"""The CPU kernels' output cache: memory for their large outputs (a scan's ``out`` and gradients, the conv's) from
+the blocks that earlier outputs freed, as a GPU caching allocator keeps freed blocks.
+
+Without it a training loop on glibc faults in fresh pages for every step's outputs: glibc hands the freed top of
+its heap back to the OS, and each 4 KB page then costs a fault and a zeroing (on the 2-CPU VM the benchmarks ran
+on, ~1.7 µs a page, a third of an N = 8 backward). Outputs of at least 128 KB reuse a cached block of their size;
+the cache holds at most ``COMPRESSM_CPU_CACHE_MB`` (default 512, read once; 0 turns it off) of idle memory and
+frees the longest-idle blocks past that. ``empty_cpu_cache()`` frees the idle blocks now.
+"""
+
+from __future__ import annotations
+
+from .._extensions import load_extension, require_extension
+
+
+def cpu_cache_info() -> dict[str, int]:
+    """``live_bytes`` (in tensors now), ``idle_bytes`` and ``idle_blocks`` (cached for reuse), ``limit_bytes``, and
+    the ``hits`` and ``misses`` of allocations so far. Raises if the CPU extension is not built."""
+    return require_extension("_C").output_cache_info()
+
+
+def empty_cpu_cache() -> None:
+    """Free the cache's idle blocks (outputs still in use return to it when freed). Without the CPU extension there
+    is nothing cached, and this does nothing."""
+    module, _ = load_extension("_C")
+    if module is not None:
+        module.empty_output_cache()

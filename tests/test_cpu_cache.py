@@ -1,0 +1,158 @@
+"""The CPU kernels' output cache: freed outputs' blocks are reused at their size, within the limit, and a reused
+block holds only the new call's results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from compressm_kernels import cpu_cache_info, empty_cpu_cache, selective_scan_fn, selective_scan_ref
+from compressm_kernels._extensions import load_extension
+from compressm_kernels.ops.conv1d_cpu import causal_conv1d_fwd_cpu
+from scan_cases import assert_close
+
+pytestmark = pytest.mark.skipif(load_extension("_C")[0] is None, reason="compressm_kernels._C is not built")
+
+# (1, 64, 1024) fp32 is 256 KB: cached (outputs of 128 KB and more are)
+BIG = (1, 64, 1024)
+
+
+def conv(x: torch.Tensor) -> torch.Tensor:
+    return causal_conv1d_fwd_cpu(x, torch.ones(x.shape[1], 4), None, True)
+
+
+def test_a_freed_output_block_is_reused_at_its_size() -> None:
+    out = conv(torch.randn(BIG))
+    ptr = out.data_ptr()
+    del out
+    before = cpu_cache_info()
+    assert before["idle_bytes"] >= 256 << 10
+    again = conv(torch.randn(BIG))
+    after = cpu_cache_info()
+    assert again.data_ptr() == ptr  # the most recently freed block of the size
+    assert after["hits"] == before["hits"] + 1 and after["idle_bytes"] == before["idle_bytes"] - (256 << 10)
+    assert after["live_bytes"] >= 256 << 10
+
+
+def test_small_outputs_bypass_the_cache() -> None:
+    before = cpu_cache_info()
+    conv(torch.randn(1, 4, 64))
+    after = cpu_cache_info()
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+
+
+def test_a_reused_block_holds_the_new_results() -> None:
+    """Every element of a reused output is written: a block first filled by another call (and then NaN) leaves no
+    trace in the scan's outputs or gradients."""
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 64, 1100)
+    def inputs():
+        u, delta = torch.randn(shape, generator=g), torch.randn(shape, generator=g).mul(0.5)
+        A = -torch.rand(64, 12, generator=g).add(0.5)
+        B, C = torch.randn(1, 12, shape[-1], generator=g), torch.randn(1, 12, shape[-1], generator=g)
+        z = torch.randn(shape, generator=g)
+        return [t.requires_grad_() for t in (u, delta, A, B, C, z)]
+
+    poison = inputs()
+    out = selective_scan_fn(*poison[:5], None, poison[5], delta_softplus=True, backend="cpu")
+    grads = torch.autograd.grad(out, poison, torch.randn_like(out))
+    for t in (out, *grads):
+        t.detach().fill_(float("nan"))
+    del out, grads, t
+    hits = cpu_cache_info()["hits"]
+
+    x = inputs()
+    dout = torch.randn(shape, generator=g)
+    out = selective_scan_fn(*x[:5], None, x[5], delta_softplus=True, backend="cpu")
+    grads = torch.autograd.grad(out, x, dout)
+    assert cpu_cache_info()["hits"] >= hits + 4  # out, du, ddelta and dz in the poisoned blocks
+    ref = selective_scan_ref(*x[:5], None, x[5], delta_softplus=True)
+    ref_grads = torch.autograd.grad(ref, x, dout)
+    assert_close(out, ref, torch.float32, "out")
+    for name, got, want in zip(("du", "ddelta", "dA", "dB", "dC", "dz"), grads, ref_grads, strict=True):
+        assert_close(got, want, torch.float32, name)
+
+
+def test_empty_frees_idle_blocks_and_outputs_stay_valid() -> None:
+    kept = conv(torch.ones(BIG))
+    del_me = conv(torch.randn(BIG))
+    del del_me
+    assert cpu_cache_info()["idle_blocks"] >= 1
+    empty_cpu_cache()
+    info = cpu_cache_info()
+    assert info["idle_bytes"] == 0 and info["idle_blocks"] == 0
+    torch.testing.assert_close(kept, conv(torch.ones(BIG)))
+    kept.resize_(2, 64, 1024).fill_(1.0)  # an output's storage grows like any tensor's
+    del kept
+    assert cpu_cache_info()["idle_blocks"] >= 1
+
+
+def test_threads_allocating_and_freeing_at_once() -> None:
+    errors = []
+    x = torch.randn(BIG)
+    want = conv(x)
+
+    def work() -> None:
+        try:
+            for _ in range(50):
+                torch.testing.assert_close(conv(x), want)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    info = cpu_cache_info()
+    assert 0 < info["idle_bytes"] <= info["limit_bytes"]
+
+
+def _run(code: str, mb: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COMPRESSM_CPU_CACHE_MB": mb}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+LIMIT_CODE = """
+import torch
+from compressm_kernels import cpu_cache_info
+from compressm_kernels.ops.conv1d_cpu import causal_conv1d_fwd_cpu as f
+w = torch.ones(64, 4)
+sizes = [2048, 1024, 1024, 3072]  # 512, 256, 256 and 768 KB outputs
+outs = [f(torch.randn(1, 64, L), w, None, True) for L in sizes]
+while outs:
+    del outs[0]  # freed in that order
+info = cpu_cache_info()
+kept, hits = [], []
+for L in sizes:
+    before = cpu_cache_info()["hits"]
+    kept.append(f(torch.randn(1, 64, L), w, None, True))
+    hits.append(cpu_cache_info()["hits"] > before)
+print(info["limit_bytes"], info["idle_bytes"], info["idle_blocks"], *hits)
+"""
+
+
+@pytest.mark.parametrize("mb, idle, hits", [
+    # 1 MB: the 768 KB block evicts the longest idle ones (the 512 KB, then the first 256 KB) until it fits
+    ("1", [(256 + 768) << 10, 2], [False, True, False, True]),
+    ("0", [0, 0], [False, False, False, False]),  # off
+    ("", [(512 + 256 + 256 + 768) << 10, 4], [True, True, True, True]),  # the default, 512 MB
+])
+def test_the_limit_bounds_idle_memory(mb: str, idle: list[int], hits: list[bool]) -> None:
+    result = _run(LIMIT_CODE, mb)
+    assert result.returncode == 0, result.stderr[-2000:]
+    limit, idle_bytes, idle_blocks, *got = result.stdout.split()
+    assert int(limit) == (int(mb) if mb else 512) << 20
+    assert [int(idle_bytes), int(idle_blocks)] == idle
+    assert got == [str(h) for h in hits]
+
+
+def test_a_bad_limit_names_the_variable() -> None:
+    result = _run(LIMIT_CODE, "lots")
+    assert result.returncode != 0 and "COMPRESSM_CPU_CACHE_MB must be a whole number of MB" in result.stderr
