@@ -105,7 +105,7 @@ void conv1d_fwd(const Conv1dParams& p) {
   const bool f32_out = p.x.dtype == DType::f32;
 #pragma omp parallel num_threads(p.num_threads)
   {
-    std::vector<float> x_buf(L), pre_buf(f32_out ? 0 : L);
+    Floats x_buf(L), pre_buf(f32_out ? 0 : L);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       const int b = static_cast<int>(row / p.dim), d = static_cast<int>(row % p.dim);
@@ -125,7 +125,7 @@ void conv1d_bwd(const Conv1dParams& p) {
   if (p.dbias) std::fill_n(p.dbias, p.dim, 0.0f);
 #pragma omp parallel num_threads(p.num_threads)
   {
-    std::vector<float> x_buf(L), dout_buf(L), pre(L), dx_buf(f32_dx ? 0 : L);
+    Floats x_buf(L), dout_buf(L), pre(L), dx_buf(f32_dx ? 0 : L);
     float unused_dbias = 0.0f;
 #pragma omp for schedule(static)
     for (int d = 0; d < p.dim; ++d) {
@@ -155,7 +155,7 @@ void conv1d_update(const Conv1dUpdateParams& p) {
   // in a loop vectorised across channels.
   const int W = p.width, S = p.keep, D = p.dim;
   const bool f32_rows = p.state_dtype == DType::f32 && p.state_stride2 == 1;
-  std::vector<float> x_buf(D), acc(D);
+  Floats x_buf(D), acc(D);
   for (int b = 0; b < p.batch; ++b) {
     const float* x = row_as_f32(p.x.data, p.x.dtype, b * p.x.stride0, p.x.stride1, D, x_buf.data());
     for (int d = 0; d < D; ++d) {

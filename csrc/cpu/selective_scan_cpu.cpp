@@ -490,7 +490,7 @@ bool gathers(const ScanParams& p, int d) {
 // for the channels that gather their kept states, whose steps are then contiguous (a chunk's gather reads r short
 // rows instead of every state of T rows).
 struct Rows {
-  std::vector<float> steps, states;  // empty when no channel reads that layout
+  Floats steps, states;  // empty when no channel reads that layout
   int groups = 1;
   int width = 8;  // step-major: lanes per channel; below NP, channels are packed (the states tiled NP / width times)
 
@@ -555,11 +555,11 @@ Rows variable_rows(const Operand& x, bool variable, int groups, int width, const
 // Per-thread working memory, sized once per thread. The (chunk, NP) rows are 64 KB each at N = 64, zeroed at
 // every call: only what the pass uses is allocated (the gathers only with a per-channel mask).
 struct Scratch {
-  std::vector<float> A, A_scaled, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;  // (NP,)
-  std::vector<float> delta, delta_grad, delta_u, decay, y, dy, ddelta, du, dz;  // (chunk,)
-  std::vector<float> raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
-  std::vector<float> hist, hist_decay, B_gather, C_gather, dB_gather, dC_gather;  // (chunk, NP)
-  std::vector<uint32_t> keep;  // (NP,) a channel masked in place: all ones for its kept states, else 0
+  Floats A, A_scaled, h, h_in, carry, dA, B_inv, C_inv, dB_inv, dC_inv;  // (NP,)
+  Floats delta, delta_grad, delta_u, decay, y, dy, ddelta, du, dz;  // (chunk,)
+  Floats raw, u, z, dout;  // (chunk,) an activation row converted to fp32 when it is not fp32
+  Floats hist, hist_decay, B_gather, C_gather, dB_gather, dC_gather;  // (chunk, NP)
+  Aligned<uint32_t> keep;  // (NP,) a channel masked in place: all ones for its kept states, else 0
 
   Scratch(int N, int chunk, bool backward, bool gather)
       : A(round8(N)), A_scaled(round8(N)), h(round8(N)), h_in(round8(N)), carry(round8(N)), dA(round8(N)),
@@ -762,13 +762,13 @@ void prefetch_row(const void* data, int64_t off, DType t, int T) {
 }
 
 // T steps of an activation row (unit stride along L) from element `off` as fp32 (in place when fp32).
-const float* steps_in(const Operand& op, int64_t off, int T, std::vector<float>& buf) {
+const float* steps_in(const Operand& op, int64_t off, int T, Floats& buf) {
   return row_as_f32(op.data, op.dtype, off, 1, T, buf.data());
 }
 
 // Where T steps of a dense (Bt, D, L) output from element `off` are computed: in place when it is fp32, else
 // in `buf`, which steps_out_done then converts.
-float* steps_out(void* data, DType t, int64_t off, std::vector<float>& buf) {
+float* steps_out(void* data, DType t, int64_t off, Floats& buf) {
   return t == DType::f32 ? static_cast<float*>(data) + off : buf.data();
 }
 void steps_out_done(void* data, DType t, int64_t off, int T, const float* steps) {
@@ -1164,9 +1164,9 @@ int pack_width(const ScanParams& p) {
 // Per-thread memory of the packed path: each channel's Scratch (its step rows), and the pack's lane rows and
 // states over a chunk.
 struct PackScratch {
-  std::vector<Scratch> channels;                     // (G,)
-  std::vector<float> delta, delta_u, dy, hist, hist_decay;  // (chunk, 8)
-  std::vector<float> zeros, discard;                 // (chunk,): rows of the channels past D
+  std::vector<Scratch> channels;  // (G,)
+  Floats delta, delta_u, dy, hist, hist_decay;  // (chunk, 8)
+  Floats zeros, discard;  // (chunk,): rows of the channels past D
 
   PackScratch(int N, int chunk, int w, bool backward)
       : channels(8 / w, Scratch(N, chunk, backward, false)), delta(8 * chunk), delta_u(8 * chunk), dy(8 * chunk),
@@ -1322,7 +1322,7 @@ void pack_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, int
 // Every thread's partial rows of one operand (Partial): steps_size and states_size floats per thread.
 struct Partials {
   int64_t steps_size = 0, states_size = 0;
-  std::vector<float> steps, states;
+  Floats steps, states;
 
   Partials(const Rows& rows, bool variable, Layouts layouts, const ScanParams& p) {
     if (!variable) return;
@@ -1344,7 +1344,7 @@ struct Partials {
 
 // dB[b] (G, N, L) = Σ over threads of their partial rows, in the output's dtype.
 void reduce_partials(const Partials& parts, int threads, const Rows& rows, int N, int L, void* out, DType dtype, int b,
-                     std::vector<float>& tile) {
+                     Floats& tile) {
   const int groups = rows.groups, np = round8(N);
   const int64_t dst0 = static_cast<int64_t>(b) * groups * N * L;
   if (parts.states_size) {  // sum state rows, and the step-major partials' column of that state (no packing here)
@@ -1438,7 +1438,7 @@ void scan_bwd(const ScanParams& p) {
       s.emplace(N, p.chunk, true, p.kept != nullptr);
     }
     const int per_task = w ? 8 / w : 1, tasks = (p.dim + per_task - 1) / per_task;
-    std::vector<float> tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
+    Floats tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
 #if defined(_OPENMP)
     const int th = omp_get_thread_num(), threads = omp_get_num_threads();
 #else  // built without OpenMP (setup.py): one thread, the pragmas ignored
