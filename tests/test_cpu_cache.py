@@ -92,6 +92,14 @@ def test_empty_frees_idle_blocks_and_outputs_stay_valid() -> None:
     assert cpu_cache_info()["idle_blocks"] >= 1
 
 
+def test_the_profiler_sees_cached_outputs() -> None:
+    x, w = torch.randn(BIG), torch.ones(BIG[1], 4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = causal_conv1d_fwd_cpu(x, w, None, True)
+    (event,) = [e for e in prof.key_averages() if e.key == "compressm::causal_conv1d_fwd_cpu"]
+    assert event.self_cpu_memory_usage == out.numel() * 4
+
+
 def test_threads_allocating_and_freeing_at_once() -> None:
     errors = []
     x = torch.randn(BIG)
