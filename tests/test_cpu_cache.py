@@ -122,9 +122,39 @@ def test_threads_allocating_and_freeing_at_once() -> None:
     assert 0 < info["idle_bytes"] <= info["limit_bytes"]
 
 
+FORK_CODE = """
+import os, threading, torch
+from compressm_kernels.ops.conv1d_cpu import causal_conv1d_fwd_cpu as f
+w, x = torch.ones(64, 4), torch.randn(1, 64, 1024)
+stop = False
+def churn():
+    while not stop:
+        f(x, w, None, True)
+t = threading.Thread(target=churn)
+t.start()
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:  # the child allocates and frees through the cache (a lock left held would hang it here)
+        f(x, w, None, True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, status
+stop = True
+t.join()
+print("ok")
+"""
+
+
+def test_fork_while_another_thread_allocates() -> None:
+    """The cache's fork handlers take its lock around fork() and release it on both sides: the children allocate
+    through it and the parent carries on (a side left locked hangs, and the run times out)."""
+    result = _run(FORK_CODE, "")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 def _run(code: str, mb: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COMPRESSM_CPU_CACHE_MB": mb}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
 
 
 LIMIT_CODE = """

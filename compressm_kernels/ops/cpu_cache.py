@@ -10,18 +10,22 @@ frees the longest-idle blocks past that. ``empty_cpu_cache()`` frees the idle bl
 
 from __future__ import annotations
 
-from .._extensions import load_extension, require_extension
+from .._extensions import REBUILD, load_extension, require_extension
 
 
 def cpu_cache_info() -> dict[str, int]:
     """``live_bytes`` (in tensors now), ``idle_bytes`` and ``idle_blocks`` (cached for reuse), ``limit_bytes``, and
-    the ``hits`` and ``misses`` of allocations so far. Raises if the CPU extension is not built."""
-    return require_extension("_C").output_cache_info()
+    the ``hits`` and ``misses`` of allocations so far. Raises if the CPU extension is not built, or was built from
+    sources without the cache."""
+    module = require_extension("_C")
+    if not hasattr(module, "output_cache_info"):
+        raise RuntimeError(f"compressm_kernels._C was built from older sources without the output cache; {REBUILD}")
+    return module.output_cache_info()
 
 
 def empty_cpu_cache() -> None:
-    """Free the cache's idle blocks (outputs still in use return to it when freed). Without the CPU extension there
-    is nothing cached, and this does nothing."""
+    """Free the cache's idle blocks (outputs still in use return to it when freed). Without the CPU extension, or
+    with one built before the cache, nothing is cached and this does nothing."""
     module, _ = load_extension("_C")
-    if module is not None:
+    if module is not None and hasattr(module, "empty_output_cache"):
         module.empty_output_cache()

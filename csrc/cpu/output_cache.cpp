@@ -9,6 +9,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <deque>
 #include <map>
@@ -45,7 +47,13 @@ class OutputCache final : public c10::Allocator {
  public:
   // Never destroyed: a tensor may be freed after static destructors have run.
   static OutputCache& get() {
-    static auto* cache = new OutputCache(limit_from_env());
+    static auto* cache = [] {
+      auto* c = new OutputCache(limit_from_env());
+      // fork() (a DataLoader's workers) while another thread held the lock would leave the child's copy locked
+      // for good: the fork waits for the lock, and both sides release it.
+      pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); }, [] { get().mutex_.unlock(); });
+      return c;
+    }();
     return *cache;
   }
 
