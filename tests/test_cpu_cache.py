@@ -194,3 +194,16 @@ def test_the_limit_bounds_idle_memory(mb: str, idle: list[int], hits: list[bool]
 def test_a_bad_limit_names_the_variable() -> None:
     result = _run(LIMIT_CODE, "lots")
     assert result.returncode != 0 and "COMPRESSM_CPU_CACHE_MB must be a whole number of MB" in result.stderr
+
+
+def test_an_extension_built_before_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import ModuleType
+
+    from compressm_kernels.ops import cpu_cache
+
+    old = ModuleType("compressm_kernels._C")
+    monkeypatch.setattr(cpu_cache, "require_extension", lambda name: old)
+    monkeypatch.setattr(cpu_cache, "load_extension", lambda name: (old, None))
+    with pytest.raises(RuntimeError, match="built from older sources without the output cache; rebuild"):
+        cpu_cache.cpu_cache_info()
+    cpu_cache.empty_cpu_cache()  # nothing cached: nothing to do
