@@ -152,6 +152,29 @@ def test_fork_while_another_thread_allocates() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+OOM_CODE = """
+import resource, torch
+from compressm_kernels import cpu_cache_info
+from compressm_kernels.ops.conv1d_cpu import causal_conv1d_fwd_cpu as f
+w = torch.ones(64, 4)
+x = torch.randn(1, 64, 1 << 18)  # 64 MB
+outs = [f(x, w, None, True) for _ in range(3)]
+del outs  # 192 MB idle
+wider = torch.randn(1, 64, 300_000)  # a 73 MB output, a size the cache does not hold
+vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (40 << 20), resource.RLIM_INFINITY))  # 40 MB of room
+idle = cpu_cache_info()["idle_bytes"]
+out = f(wider, w, None, True)
+print(idle >> 20, cpu_cache_info()["idle_bytes"], bool(torch.isfinite(out).all()))
+"""
+
+
+def test_out_of_memory_frees_idle_blocks_and_retries() -> None:
+    result = _run(OOM_CODE, "")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["192", "0", "True"]
+
+
 def _run(code: str, mb: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COMPRESSM_CPU_CACHE_MB": mb}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

@@ -62,7 +62,7 @@ class OutputCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     const size_t bytes = (std::max<size_t>(n, 1) + kPage - 1) / kPage * kPage;
     Block* block = take(bytes);
-    if (block == nullptr) block = new Block{c10::alloc_cpu(bytes), bytes};
+    if (block == nullptr) block = new Block{fresh(bytes), bytes};
     report(block, static_cast<int64_t>(bytes));
     return {block->data, block, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -139,6 +139,17 @@ class OutputCache final : public c10::Allocator {
       }
     }
     for (Block* f : freed) destroy(f);  // outside the lock: returning pages to the OS can take a while
+  }
+
+  // New memory; when there is none left, the idle blocks are freed and it is tried once more (as a GPU caching
+  // allocator does before it reports out of memory).
+  void* fresh(size_t bytes) {
+    try {
+      return c10::alloc_cpu(bytes);
+    } catch (const c10::Error&) {
+      empty();
+      return c10::alloc_cpu(bytes);
+    }
   }
 
   // Each size's list is in the order its blocks were freed, so the longest idle is one of the fronts.
