@@ -39,6 +39,24 @@ def test_a_freed_output_block_is_reused_at_its_size() -> None:
     assert after["live_bytes"] >= 256 << 10
 
 
+def test_a_smaller_output_reuses_a_larger_idle_block() -> None:
+    """Shapes that change from step to step (another L each batch) reuse earlier blocks up to twice their size
+    instead of leaving them idle; a block more than twice the size is left for outputs of its own size."""
+    empty_cpu_cache()
+    w = torch.ones(64, 4)
+    del_me = conv(torch.randn(1, 64, 2048))  # 512 KB
+    ptr = del_me.data_ptr()
+    del del_me
+    reused = conv(torch.randn(1, 64, 1536))  # 384 KB: fits the 512 KB block
+    assert reused.data_ptr() == ptr and cpu_cache_info()["idle_blocks"] == 0
+    del reused  # the block goes back as 512 KB
+    assert cpu_cache_info()["idle_bytes"] == 512 << 10
+    hits = cpu_cache_info()["hits"]
+    small = causal_conv1d_fwd_cpu(torch.randn(1, 64, 768), w, None, True)  # 192 KB: less than half of it
+    assert small.data_ptr() != ptr and cpu_cache_info()["hits"] == hits
+    assert cpu_cache_info()["idle_bytes"] == 512 << 10
+
+
 def test_small_outputs_bypass_the_cache() -> None:
     before = cpu_cache_info()
     conv(torch.randn(1, 4, 64))
@@ -94,6 +112,7 @@ def test_empty_frees_idle_blocks_and_outputs_stay_valid() -> None:
 
 def test_the_profiler_sees_cached_outputs() -> None:
     x, w = torch.randn(BIG), torch.ones(BIG[1], 4)
+    empty_cpu_cache()  # a fresh block of the output's size (an idle larger one could serve it)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         out = causal_conv1d_fwd_cpu(x, w, None, True)
     (event,) = [e for e in prof.key_averages() if e.key == "compressm::causal_conv1d_fwd_cpu"]
@@ -200,8 +219,9 @@ print(info["limit_bytes"], info["idle_bytes"], info["idle_blocks"], *hits)
 
 
 @pytest.mark.parametrize("mb, idle, hits", [
-    # 1 MB: the 768 KB block evicts the longest idle ones (the 512 KB, then the first 256 KB) until it fits
-    ("1", [(256 + 768) << 10, 2], [False, True, False, True]),
+    # 1 MB: the 768 KB block evicts the longest idle ones (the 512 KB, then the first 256 KB) until it fits; then the
+    # 512 KB output takes the 768 KB block (within twice its size) and the first 256 KB one the other
+    ("1", [(256 + 768) << 10, 2], [True, True, False, False]),
     ("0", [0, 0], [False, False, False, False]),  # off
     ("", [(512 + 256 + 256 + 768) << 10, 4], [True, True, True, True]),  # the default, 512 MB
 ])

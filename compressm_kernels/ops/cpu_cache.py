@@ -3,9 +3,11 @@ the blocks that earlier outputs freed, as a GPU caching allocator keeps freed bl
 
 Without it a training loop on glibc faults in fresh pages for every step's outputs: glibc hands the freed top of
 its heap back to the OS, and each 4 KB page then costs a fault and a zeroing (on the 2-CPU VM the benchmarks ran
-on, ~1.7 µs a page, a third of an N = 8 backward). Outputs of at least 128 KB reuse a cached block of their size;
-the cache holds at most ``COMPRESSM_CPU_CACHE_MB`` (default 512, read once; 0 turns it off) of idle memory and
-frees the longest-idle blocks past that. ``empty_cpu_cache()`` frees the idle blocks now.
+on, ~1.7 µs a page, a third of an N = 8 backward). Outputs of at least 128 KB reuse a cached block of their size,
+or failing that one of up to twice it (shapes that change from step to step then reuse earlier blocks). The cache
+holds at most ``COMPRESSM_CPU_CACHE_MB`` (default 512, read once; 0 turns it off) of idle memory, frees the
+longest-idle blocks past that, and frees them all before an allocation reports running out of memory.
+``empty_cpu_cache()`` frees the idle blocks now.
 """
 
 from __future__ import annotations

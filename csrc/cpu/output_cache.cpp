@@ -1,5 +1,6 @@
 // The output cache (output_cache.h): a c10::Allocator whose freed blocks wait, per size, for the next output of
-// that size, up to COMPRESSM_CPU_CACHE_MB of idle memory; past it the longest-idle blocks are freed.
+// that size (or of up to half less), up to COMPRESSM_CPU_CACHE_MB of idle memory; past it the longest-idle blocks
+// are freed.
 #include "output_cache.h"
 
 #include <ATen/EmptyTensor.h>
@@ -63,7 +64,7 @@ class OutputCache final : public c10::Allocator {
     const size_t bytes = (std::max<size_t>(n, 1) + kPage - 1) / kPage * kPage;
     Block* block = take(bytes);
     if (block == nullptr) block = new Block{fresh(bytes), bytes};
-    report(block, static_cast<int64_t>(bytes));
+    report(block, static_cast<int64_t>(block->bytes));
     return {block->data, block, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -90,18 +91,20 @@ class OutputCache final : public c10::Allocator {
  private:
   explicit OutputCache(int64_t limit) : limit_(limit) {}
 
-  // The most recently freed idle block of exactly `bytes` (its pages the likeliest still in cache), or nullptr.
+  // An idle block for `bytes`, or nullptr: the most recently freed of exactly that size (its pages the likeliest
+  // still in cache), else of the next size up to twice it, so that shapes that change from step to step (another L
+  // each batch) reuse the blocks of earlier ones instead of leaving them idle.
   Block* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = idle_.find(bytes);
-    if (it == idle_.end()) {
+    const auto it = idle_.lower_bound(bytes);
+    if (it == idle_.end() || it->first / 2 > bytes) {
       ++misses_;
       return nullptr;
     }
     Block* b = it->second.back();
     it->second.pop_back();
     if (it->second.empty()) idle_.erase(it);
-    idle_bytes_ -= bytes;
+    idle_bytes_ -= b->bytes;
     ++hits_;
     return b;
   }
