@@ -5,7 +5,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/core/CPUAllocator.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
@@ -16,7 +16,6 @@
 #include <deque>
 #include <map>
 #include <mutex>
-#include <string>
 #include <vector>
 
 namespace compressm::cpu {
@@ -74,7 +73,7 @@ class OutputCache final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     int64_t blocks = 0;
     for (const auto& [bytes, list] : idle_) blocks += static_cast<int64_t>(list.size());
-    return {static_cast<int64_t>(live_bytes_), static_cast<int64_t>(idle_bytes_), blocks, limit_, hits_, misses_};
+    return {live_bytes_, static_cast<int64_t>(idle_bytes_), blocks, limit_, hits_, misses_};
   }
 
   void empty() {
@@ -117,11 +116,11 @@ class OutputCache final : public c10::Allocator {
 
   // torch.profiler(profile_memory=True) sees these tensors as it sees those of torch's CPU allocator.
   void report(const Block* b, int64_t delta) {
-    size_t live, reserved;
+    int64_t live, reserved;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       live_bytes_ += delta;
-      live = live_bytes_, reserved = live_bytes_ + idle_bytes_;
+      live = live_bytes_, reserved = live_bytes_ + static_cast<int64_t>(idle_bytes_);
     }
     if (c10::memoryProfilingEnabled()) {
       c10::reportMemoryUsageToProfiler(b->data, delta, live, reserved, c10::Device(c10::DeviceType::CPU));
@@ -176,7 +175,8 @@ class OutputCache final : public c10::Allocator {
   const int64_t limit_;
   std::mutex mutex_;
   std::map<size_t, std::deque<Block*>> idle_;  // by size, oldest first
-  size_t idle_bytes_ = 0, live_bytes_ = 0;  // idle: cached; live: in tensors
+  size_t idle_bytes_ = 0;  // cached
+  int64_t live_bytes_ = 0;  // in tensors
   uint64_t clock_ = 0;
   int64_t hits_ = 0, misses_ = 0;
 };
