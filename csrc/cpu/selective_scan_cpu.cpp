@@ -621,9 +621,11 @@ COMPRESSM_ALWAYS_INLINE void gather_columns_impl(const GatherArgs& a) {
 }
 COMPRESSM_DISPATCH(gather_columns, GatherArgs)
 
-// The inverse of gather_columns, for gradients: rows[kept[k]·L + t] += columns[t·rp + k] for k < r.
+// The inverse of gather_columns, for gradients: rows[kept[k]·L + t] += columns[t·rp + k] for k < r, and the
+// columns zeroed as they are read, ready for the next chunk's sums (a separate fill cost ~4 % of a per-channel-rank
+// fwd+bwd).
 struct ScatterArgs {
-  const float* columns;
+  float* columns;
   int64_t L;
   int T, r;
   const int32_t* kept;
@@ -637,7 +639,11 @@ COMPRESSM_ALWAYS_INLINE void scatter_add_columns_impl(const ScatterArgs& a) {
     for (int i = 0; i < 8; ++i) dst[i] = k0 + i < a.r ? a.rows + a.kept[k0 + i] * a.L : nullptr;
     for (int t = 0; t < T8; t += 8) {
       v8f v[8];
-      for (int j = 0; j < 8; ++j) v[j] = load8(a.columns + (t + j) * rp + k0);
+      for (int j = 0; j < 8; ++j) {
+        float* column = a.columns + (t + j) * rp + k0;
+        v[j] = load8(column);
+        store8(column, v8f{});
+      }
       transpose8(v);
       for (int i = 0; i < 8; ++i) {
         if (dst[i]) store8(dst[i] + t, load8(dst[i] + t) + v[i]);
@@ -646,6 +652,7 @@ COMPRESSM_ALWAYS_INLINE void scatter_add_columns_impl(const ScatterArgs& a) {
     for (int t = T8; t < a.T; ++t) {
       for (int i = 0; i < 8; ++i) {
         if (dst[i]) dst[i][t] += a.columns[t * rp + k0 + i];
+        a.columns[t * rp + k0 + i] = 0.0f;
       }
     }
   }
@@ -893,12 +900,10 @@ void channel_backward(const ScanParams& p, const Rows& B, const Rows& C, int b, 
     if (p.b_variable) {
       dBp = ch.kept ? s.dB_gather.data() : dB_rows;
       lddb = ch.kept ? rp : np;
-      if (ch.kept) std::fill_n(dBp, static_cast<size_t>(T) * rp, 0.0f);
     }
     if (p.c_variable) {
       dCp = ch.kept ? s.dC_gather.data() : dC_rows;
       lddc = ch.kept ? rp : np;
-      if (ch.kept) std::fill_n(dCp, static_cast<size_t>(T) * rp, 0.0f);
     }
     float* ddelta = steps_out(p.ddelta, p.delta.dtype, ch.dense + t0, s.ddelta);
     float* du = steps_out(p.du, p.u.dtype, ch.dense + t0, s.du);
