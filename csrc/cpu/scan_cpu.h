@@ -49,6 +49,8 @@ struct ScanParams {
   float* ddelta_bias = nullptr;  // when delta_bias is given
 
   int n_chunks() const { return (seqlen + chunk - 1) / chunk; }
+  // The longest chunk a call runs: its per-thread scratch rows are this long, not `chunk` (1024 at N <= 8).
+  int chunk_steps() const { return chunk < seqlen ? chunk : seqlen; }
 };
 
 void scan_fwd(const ScanParams& p);

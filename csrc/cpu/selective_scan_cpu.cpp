@@ -1405,14 +1405,14 @@ void scan_fwd(const ScanParams& p) {
 #pragma omp parallel num_threads(p.num_threads)
   {
     if (w) {
-      PackScratch ps(p.dstate, p.chunk, w, false);
+      PackScratch ps(p.dstate, p.chunk_steps(), w, false);
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < tasks; ++task) {
         const int b = static_cast<int>(task / tasks_per_batch);
         pack_forward(p, B, C, b, static_cast<int>(task % tasks_per_batch) * per_task, w, ps);
       }
     } else {
-      Scratch s(p.dstate, p.chunk, false, p.kept != nullptr);
+      Scratch s(p.dstate, p.chunk_steps(), false, p.kept != nullptr);
 #pragma omp for schedule(static)
       for (int64_t bd = 0; bd < tasks; ++bd) {
         channel_forward(p, B, C, static_cast<int>(bd / p.dim), static_cast<int>(bd % p.dim), s);
@@ -1438,9 +1438,9 @@ void scan_bwd(const ScanParams& p) {
     std::optional<Scratch> s;  // one of the two
     std::optional<PackScratch> ps;
     if (w) {
-      ps.emplace(N, p.chunk, w, true);
+      ps.emplace(N, p.chunk_steps(), w, true);
     } else {
-      s.emplace(N, p.chunk, true, p.kept != nullptr);
+      s.emplace(N, p.chunk_steps(), true, p.kept != nullptr);
     }
     const int per_task = w ? 8 / w : 1, tasks = (p.dim + per_task - 1) / per_task;
     Floats tile(std::max(static_cast<size_t>(32) * round8(N), static_cast<size_t>(L)));
