@@ -217,20 +217,29 @@ def test_masked_equals_compacted(case: Case, kept: tuple[int, ...], chunking: No
         assert torch.all(masked["dA"][:, ~mask] == 0)
 
 
-@pytest.mark.parametrize("dstate", [12, 2], ids=str)  # one channel per vector; four to a vector
-def test_thread_counts_agree_and_runs_repeat_exactly(dstate: int) -> None:
+@pytest.mark.parametrize("dstate, b_form, per_channel_mask", [
+    (12, "variable", False),  # one channel per vector
+    (2, "variable", False),  # four channels to a vector
+    (12, "invariant", False),  # dB summed per channel, like dA, dD and ddelta_bias
+    (13, "variable", True),  # channels that gather their kept states, and channels masked in place
+], ids=["N12", "N2-packed", "N12-invariant-B", "N13-per-channel-mask"])
+def test_thread_counts_agree_and_runs_repeat_exactly(dstate: int, b_form: str, per_channel_mask: bool) -> None:
     """Channels (or packs) are split over threads and dB/dC summed from per-thread rows: any thread count gives the
     reference's results, and a fixed one the same bits every run (a static assignment, no atomics). The kernel
     gives each thread at least 2^17 state-steps, so this size is what it takes to run three."""
-    case = Case(batch=2, dim=97, seqlen=1100, dstate=dstate)  # 2·97·1100·2 = 426,800 state-steps at N = 2
+    case = Case(batch=2, dim=97, seqlen=1100, dstate=dstate, b_form=b_form)  # 426,800 state-steps at N = 2
     inputs = make_inputs(case, seed=3)
-    ref = run_with_grads(selective_scan_fn, inputs, backend="reference")
+    mask = None
+    if per_channel_mask:
+        gen = torch.Generator().manual_seed(4)
+        mask = torch.rand(case.dim, dstate, generator=gen) < torch.rand(case.dim, 1, generator=gen)
+    ref = run_with_grads(selective_scan_fn, inputs, backend="reference", state_mask=mask)
     threads = torch.get_num_threads()
     try:
-        for n in (1, 3):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            first = run_with_grads(selective_scan_fn, inputs, backend="cpu")
-            again = run_with_grads(selective_scan_fn, inputs, backend="cpu")
+            first = run_with_grads(selective_scan_fn, inputs, backend="cpu", state_mask=mask)
+            again = run_with_grads(selective_scan_fn, inputs, backend="cpu", state_mask=mask)
             for name in ref:
                 assert_close(first[name], ref[name], F32, f"{name} ({n} threads)")
                 assert torch.equal(first[name], again[name]), f"{name} ({n} threads) differs between runs"
