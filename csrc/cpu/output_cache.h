@@ -4,8 +4,8 @@
 // to the OS (its trim threshold follows its mmap threshold, a few MB), so the next step's outputs fault in fresh
 // zeroed pages. On a 2-CPU VM a fault cost ~1.7 µs per 4 KB page: a third of a Bt 2, D 1024, L 512, N = 8 backward
 // (9.1 against 6.1 ms with MALLOC_TRIM_THRESHOLD_ raised). Blocks of this cache are reused instead (at their
-// size, or by an output of up to half less), as a GPU caching allocator does, and the cache holds at most a bounded amount of idle memory
-// (COMPRESSM_CPU_CACHE_MB).
+// size, or by an output of up to half less), as a GPU caching allocator does, and the cache holds at most a
+// bounded amount of idle memory (COMPRESSM_CPU_CACHE_MB).
 #pragma once
 
 #include <ATen/core/Tensor.h>
